@@ -1,0 +1,1 @@
+"""PyTorch → JAX checkpoint conversion (and back), one mapping table per model."""
