@@ -149,6 +149,7 @@ def convert(
     *,
     dtype=None,
     name: str = "checkpoint",
+    allocate: Callable[[str, tuple, np.dtype], np.ndarray] | None = None,
 ) -> dict:
     """Converts a stream of source tensors into a nested parameter dict.
 
@@ -158,6 +159,8 @@ def convert(
       target_shapes: nested dict whose leaves have ``.shape`` (``jax.eval_shape`` output).
       dtype: optional output dtype for floating-point leaves (e.g. ``ml_dtypes.bfloat16``).
       name: what to call the source in error messages (a file or folder path).
+      allocate: optional ``(path, shape, dtype) → array`` that provides each output buffer
+        (e.g. a memory-mapped file, for trees larger than RAM); default: in-memory arrays.
     """
     rules = list(rules)
     shapes = {p: tuple(s.shape) for p, s in flatten(target_shapes).items()}
@@ -192,7 +195,8 @@ def convert(
                     f"(stack of {want[0]})")
                 continue
             if path not in out:
-                out[path] = np.empty(want, dtype=arr.dtype)
+                out[path] = (np.empty(want, dtype=arr.dtype) if allocate is None
+                             else allocate(path, want, arr.dtype))
                 filled[path] = set()
             if index in filled[path]:
                 errors.append(f"{key} → {path}[{index}]: filled twice")
@@ -204,7 +208,11 @@ def convert(
                 continue
             if path in out:
                 errors.append(f"{key} → {path}: filled twice")
-            out[path] = np.ascontiguousarray(arr)
+            if allocate is None:
+                out[path] = np.ascontiguousarray(arr)
+            else:
+                out[path] = allocate(path, want, arr.dtype)
+                out[path][...] = arr
 
     missing = [p for p in shapes if p not in out]
     missing += [f"{p}[{i}]" for p, idx in filled.items()

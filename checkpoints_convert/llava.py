@@ -1,0 +1,328 @@
+"""LLaMA / Vicuna and LLaVA checkpoints (Hugging Face folders) → m2sa-jax parameters, and back.
+
+Three layouts are recognised from the keys present:
+
+* ``llama``: ``LlamaForCausalLM`` (``model.layers.N.*``, ``model.norm``, ``lm_head``);
+* ``llava_v1``: LLaVA v1 / LISA, the LLaMA keys plus ``model.vision_tower.vision_tower.vision_model.*``
+  (a CLIPVisionModel) and ``model.mm_projector.*``;
+* ``llava_hf``: ``LlavaForConditionalGeneration`` as transformers 5 saves it
+  (``model.language_model.*``, ``model.vision_tower.vision_model.*``,
+  ``model.multi_modal_projector.linear_{1,2}``, ``lm_head``), or its older form
+  (``language_model.model.*``, ``language_model.lm_head``, ``vision_tower.*``,
+  ``multi_modal_projector.*``).
+
+The rule builders (:func:`llama_rules`, :func:`clip_rules`, :func:`projector_rules`) are reused by
+the M²SA converter. Tensors stream shard by shard; the output leaves live in memory-mapped files
+under ``DST/.convert_tmp`` while they are filled, so resident memory stays near one shard even
+when the converted tree is larger than RAM (13B in bfloat16 is 26 GB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from checkpoints_convert import io as ckpt_io
+from checkpoints_convert.table import ConversionError, Rule, convert, export, skip
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.json", "generation_config.json")
+
+_LAYER = [
+    ("self_attn.q_proj.weight", "self_attn/q_proj/kernel", "linear"),
+    ("self_attn.k_proj.weight", "self_attn/k_proj/kernel", "linear"),
+    ("self_attn.v_proj.weight", "self_attn/v_proj/kernel", "linear"),
+    ("self_attn.o_proj.weight", "self_attn/o_proj/kernel", "linear"),
+    ("self_attn.q_proj.bias", "self_attn/q_proj/bias", "identity"),
+    ("self_attn.k_proj.bias", "self_attn/k_proj/bias", "identity"),
+    ("self_attn.v_proj.bias", "self_attn/v_proj/bias", "identity"),
+    ("self_attn.o_proj.bias", "self_attn/o_proj/bias", "identity"),
+    ("mlp.gate_proj.weight", "mlp/gate_proj/kernel", "linear"),
+    ("mlp.up_proj.weight", "mlp/up_proj/kernel", "linear"),
+    ("mlp.down_proj.weight", "mlp/down_proj/kernel", "linear"),
+    ("mlp.gate_proj.bias", "mlp/gate_proj/bias", "identity"),
+    ("mlp.up_proj.bias", "mlp/up_proj/bias", "identity"),
+    ("mlp.down_proj.bias", "mlp/down_proj/bias", "identity"),
+    ("input_layernorm.weight", "input_layernorm/weight", "identity"),
+    ("post_attention_layernorm.weight", "post_attention_layernorm/weight", "identity"),
+]
+
+
+def llama_rules(prefix: str = "model.", scan: bool = False, *, lm_head: str | None = "lm_head.weight",
+                target: str = "") -> list[Rule]:
+    """LLaMA decoder keys under ``prefix`` → our tree under ``target`` (``""`` or ``"x/"``).
+
+    ``lm_head=None`` for tied embeddings (a stray ``lm_head.weight`` is then skipped).
+    ``scan=True`` stacks layer ``N`` along the leading axis of ``layers/layer/*``.
+    """
+    rules = [Rule(f"{prefix}embed_tokens.weight", f"{target}embed_tokens/embedding"),
+             Rule(f"{prefix}norm.weight", f"{target}norm/weight"),
+             skip(f"{prefix}layers.{{i}}.self_attn.rotary_emb.inv_freq"),
+             skip(f"{prefix}rotary_emb.inv_freq")]
+    for src, dst, tr in _LAYER:
+        if scan:
+            rules.append(Rule(f"{prefix}layers.{{i}}.{src}", f"{target}layers/layer/{dst}", tr,
+                              stack="i"))
+        else:
+            rules.append(Rule(f"{prefix}layers.{{i}}.{src}", f"{target}layers_{{i}}/{dst}", tr))
+    return rules
+
+
+def lm_head_rules(key: str, tied: bool, target: str = "") -> list[Rule]:
+    return [skip(key)] if tied else [Rule(key, f"{target}lm_head/kernel", "linear")]
+
+
+def clip_rules(prefix: str, target: str = "vision_tower/") -> list[Rule]:
+    """CLIPVisionModel keys (``prefix`` ends with ``vision_model.``) → ``target``."""
+    rules = [
+        Rule(f"{prefix}embeddings.patch_embedding.weight", f"{target}patch_embedding/kernel",
+             "conv2d"),
+        Rule(f"{prefix}embeddings.class_embedding", f"{target}class_embedding"),
+        Rule(f"{prefix}embeddings.position_embedding.weight",
+             f"{target}position_embedding/embedding"),
+        skip(f"{prefix}embeddings.position_ids"),
+    ]
+    for ln in ("pre_layrnorm", "post_layernorm"):
+        rules += [Rule(f"{prefix}{ln}.weight", f"{target}{ln}/scale"),
+                  Rule(f"{prefix}{ln}.bias", f"{target}{ln}/bias")]
+    layer = f"{prefix}encoder.layers.{{i}}."
+    out = f"{target}layers_{{i}}/"
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        rules += [Rule(f"{layer}self_attn.{proj}.weight", f"{out}self_attn/{proj}/kernel", "linear"),
+                  Rule(f"{layer}self_attn.{proj}.bias", f"{out}self_attn/{proj}/bias")]
+    for fc in ("fc1", "fc2"):
+        rules += [Rule(f"{layer}mlp.{fc}.weight", f"{out}{fc}/kernel", "linear"),
+                  Rule(f"{layer}mlp.{fc}.bias", f"{out}{fc}/bias")]
+    for ln in ("layer_norm1", "layer_norm2"):
+        rules += [Rule(f"{layer}{ln}.weight", f"{out}{ln}/scale"),
+                  Rule(f"{layer}{ln}.bias", f"{out}{ln}/bias")]
+    return rules
+
+
+def projector_rules(prefix: str, projector_type: str, target: str = "mm_projector/") -> list[Rule]:
+    """``prefix`` is ``model.mm_projector.`` (LLaVA v1: a Linear, or a Sequential for
+    ``mlp2x_gelu``) or ``model.multi_modal_projector.`` (llava-hf: ``linear_1``/``linear_2``)."""
+    if prefix.endswith("multi_modal_projector."):
+        names = {"linear_1": "linear_1.", "linear_2": "linear_2."}
+    elif projector_type == "linear":
+        names = {"linear_1": ""}
+    else:
+        names = {"linear_1": "0.", "linear_2": "2."}
+    rules = []
+    for ours, theirs in names.items():
+        rules += [Rule(f"{prefix}{theirs}weight", f"{target}{ours}/kernel", "linear"),
+                  Rule(f"{prefix}{theirs}bias", f"{target}{ours}/bias")]
+    return rules
+
+
+# --- layouts --------------------------------------------------------------------------------
+
+LAYOUTS = {
+    # name: (marker keys that must all have a key starting with them)
+    "llava_hf": ("model.language_model.", "model.vision_tower.vision_model.",
+                 "model.multi_modal_projector."),
+    "llava_hf_old": ("language_model.model.", "vision_tower.vision_model.",
+                     "multi_modal_projector."),
+    "llava_v1": ("model.layers.", "model.vision_tower.vision_tower.vision_model.",
+                 "model.mm_projector."),
+    "llama": ("model.layers.", "model.embed_tokens."),
+}
+
+
+def detect_layout(keys, name: str = "checkpoint") -> str:
+    keys = list(keys)
+    for layout, markers in LAYOUTS.items():
+        if all(any(k.startswith(m) for k in keys) for m in markers):
+            return layout
+    report = "\n".join(
+        f"  {layout}: missing keys starting with "
+        f"{[m for m in markers if not any(k.startswith(m) for k in keys)]}"
+        for layout, markers in LAYOUTS.items())
+    raise ConversionError(f"{name}: not a LLaMA or LLaVA checkpoint this converter knows.\n{report}")
+
+
+def layout_rules(layout: str, config, scan: bool) -> list[Rule]:
+    """The full table for a layout. ``config`` is a LlamaConfig (``llama``) or LlavaConfig."""
+    if layout == "llama":
+        tied = config.tie_word_embeddings
+        return llama_rules("model.", scan) + lm_head_rules("lm_head.weight", tied)
+    tied = config.text.tie_word_embeddings
+    lm = "language_model/"
+    if layout == "llava_v1":
+        return (llama_rules("model.", scan, target=lm) + lm_head_rules("lm_head.weight", tied, lm)
+                + clip_rules("model.vision_tower.vision_tower.vision_model.")
+                + projector_rules("model.mm_projector.", config.projector_type))
+    if layout == "llava_hf":
+        return (llama_rules("model.language_model.", scan, target=lm)
+                + lm_head_rules("lm_head.weight", tied, lm)
+                + clip_rules("model.vision_tower.vision_model.")
+                + projector_rules("model.multi_modal_projector.", config.projector_type))
+    if layout == "llava_hf_old":
+        return (llama_rules("language_model.model.", scan, target=lm)
+                + lm_head_rules("language_model.lm_head.weight", tied, lm)
+                + clip_rules("vision_tower.vision_model.")
+                + projector_rules("multi_modal_projector.", config.projector_type))
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def checkpoint_keys(folder: str) -> list[str]:
+    """Tensor names of a folder without loading tensors (index, safetensors header, or mmap)."""
+    for index in ckpt_io.INDEX_FILES:
+        p = os.path.join(folder, index)
+        if os.path.isfile(p):
+            with open(p) as f:
+                return list(json.load(f)["weight_map"])
+    (path,) = ckpt_io.checkpoint_files(folder)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    return list(ckpt_io._load_pickle(path).keys())
+
+
+def read_config(folder: str):
+    """(layout, model config) of a Hugging Face folder."""
+    from m2sa_jax.models import llama, llava
+
+    p = os.path.join(folder, "config.json")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"{folder}: no config.json (the model architecture); copy it "
+                                f"from the checkpoint's release next to the weights")
+    with open(p) as f:
+        cfg = json.load(f)
+    layout = detect_layout(checkpoint_keys(folder), folder)
+    if layout == "llama":
+        return layout, llama.LlamaConfig.from_hf(cfg)
+    config = llava.llava_config_from_hf(cfg)
+    if layout == "llava_v1" and config.projector_type == "linear":
+        keys = checkpoint_keys(folder)
+        if any(k.startswith("model.mm_projector.2.") for k in keys):
+            raise ConversionError(f"{p}: mm_projector_type is 'linear' but the weights hold a "
+                                  f"two-layer projector; set \"mm_projector_type\": \"mlp2x_gelu\"")
+    return layout, config
+
+
+def target_shapes(layout: str, config, scan: bool):
+    import dataclasses
+
+    from m2sa_jax.models import llama, llava
+
+    if layout == "llama":
+        return llama.param_shapes(dataclasses.replace(config, scan_layers=scan))
+    text = dataclasses.replace(config.text, scan_layers=scan)
+    return llava.param_shapes(dataclasses.replace(config, text=text))
+
+
+class _MemmapAllocator:
+    """Output leaves as memory-mapped files, so the converted tree need not fit in RAM."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+
+    def __call__(self, path: str, shape, dtype):
+        fname = os.path.join(self.folder, path.replace("/", "__") + ".npy")
+        return np.lib.format.open_memmap(fname, mode="w+", dtype=dtype, shape=tuple(shape))
+
+
+def convert_folder(src: str, *, scan: bool = False, dtype=None, workdir: str | None = None):
+    """Converts a folder. Returns (params, layout, config). With ``workdir``, leaves are
+    memory-mapped ``.npy`` files there (call :func:`release` when done)."""
+    layout, config = read_config(src)
+    shapes = target_shapes(layout, config, scan)
+    rules = layout_rules(layout, config, scan)
+    allocate = _MemmapAllocator(workdir) if workdir else None
+    params = convert(ckpt_io.iter_checkpoint(src), rules, shapes, dtype=dtype, name=src,
+                     allocate=allocate)
+    return params, layout, config
+
+
+def _config_meta(layout, config, scan, dtype) -> dict:
+    import dataclasses
+
+    if layout == "llama":
+        return dict(model="llama", layout=layout, scan_layers=scan, dtype=dtype or "float32",
+                    text_config=config.to_hf())
+    return dict(model="llava", layout=layout, scan_layers=scan, dtype=dtype or "float32",
+                text_config=config.text.to_hf(), vision_config=config.vision.to_hf(),
+                projector_type=config.projector_type, image_token_index=config.image_token_index,
+                vision_feature_layer=config.vision_feature_layer)
+
+
+def run(src: str, dst: str, *, scan: bool = False, dtype: str | None = None) -> str:
+    """Converts ``src`` into ``dst`` (orbax params + m2sa_meta.json + tokenizer files)."""
+    import ml_dtypes
+
+    from m2sa_jax.params_io import save_params
+
+    np_dtype = {None: None, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
+                "float16": np.float16}[dtype]
+    os.makedirs(dst, exist_ok=True)
+    work = os.path.join(dst, ".convert_tmp")
+    try:
+        params, layout, config = convert_folder(src, scan=scan, dtype=np_dtype, workdir=work)
+        for leaf in _leaves(params):
+            if isinstance(leaf, np.memmap):
+                leaf.flush()
+        params = _reopen_readonly(params)
+        save_params(dst, params, _config_meta(layout, config, scan, dtype))
+        del params
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for name in TOKENIZER_FILES:
+        p = os.path.join(src, name)
+        if os.path.isfile(p):
+            shutil.copy2(p, os.path.join(dst, name))
+    return dst
+
+
+def _leaves(tree):
+    for v in tree.values():
+        if isinstance(v, dict):
+            yield from _leaves(v)
+        else:
+            yield v
+
+
+def _reopen_readonly(tree):
+    """Drops the writable mappings (their pages leave the process) and maps the files again
+    read-only; pages are then only resident while orbax streams them out."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out[k] = _reopen_readonly(v)
+        elif isinstance(v, np.memmap) and v.filename:
+            fname = v.filename
+            del v
+            out[k] = np.load(fname, mmap_mode="r")
+        else:
+            out[k] = v
+    return out
+
+
+def export_params(params, layout: str, config, scan: bool, dtype=None):
+    """Our tree → ``(hf_key, array)`` pairs in the given layout's names."""
+    return export(params, layout_rules(layout, config, scan), dtype=dtype)
+
+
+def _main(args) -> int:
+    dst = run(args.src, args.dst, scan=args.scan, dtype=args.dtype)
+    print(f"converted {args.src} → {dst}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "llava", help="LLaMA/Vicuna or LLaVA (v1/LISA or llava-hf) Hugging Face folder",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--src", required=True, help="Hugging Face folder (config.json + weights)")
+    p.add_argument("--dst", required=True, help="output directory")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast floating-point weights (default: keep the checkpoint's dtype)")
+    p.add_argument("--scan", action="store_true",
+                   help="stack decoder layers for nn.scan (LlamaConfig.scan_layers=True)")
+    p.set_defaults(func=_main)
