@@ -1,0 +1,90 @@
+"""The training mixture: groups of sources drawn with fixed ratios, one image per draw.
+
+The public M²SA code (train_ds.py) trains on ``--dataset sem_seg||refer_seg||vqa||multi_part_reason_seg``
+with ``--sample_rates 2,9,2,6``: the rates follow that order, so sem_seg : refer_seg : vqa : mmr
+= 2 : 9 : 2 : 6 (normalised to probabilities). Inside a group a member source is picked
+uniformly, then an image uniformly (the upstream datasets each draw their own random
+index); a source turns that image into up to 3 questions.
+
+Draw ``i`` is a pure function of ``(seed, i)``: its generator is seeded with both, so any
+worker can compute any step, and resuming only needs the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from m2sa_jax.data.sources.common import Source
+from m2sa_jax.data.types import BadRecord, Sample
+
+PAPER_RATIOS = {"sem_seg": 2.0, "refer_seg": 9.0, "vqa": 2.0, "mmr": 6.0}
+
+
+@dataclasses.dataclass
+class SourceGroup:
+    """Members drawn uniformly (as upstream picks among e.g. ADE20K/COCO-Stuff/…)."""
+
+    name: str
+    members: Sequence[Source]
+
+    def __post_init__(self):
+        empty = [m.name for m in self.members if len(m) == 0]
+        if not self.members or empty:
+            raise ValueError(f"group {self.name!r}: needs non-empty sources; empty: {empty or 'no members'}")
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        member = self.members[int(rng.integers(len(self.members)))]
+        return member.sample(int(rng.integers(len(member))), rng)
+
+
+class MixedSource:
+    """Random-access view of the mixture: ``mixed[i]`` is draw ``i`` (``len`` = draws per epoch).
+
+    A draw whose record is bad (``BadRecord``) is redrawn with the same generator, up to
+    ``max_retries`` times (upstream retries too); ``skipped`` counts the reasons seen in this
+    process.
+    """
+
+    def __init__(self, groups: Mapping[str, Sequence[Source] | SourceGroup], ratios: Mapping[str, float],
+                 *, seed: int, draws_per_epoch: int, max_retries: int = 16):
+        missing = sorted(set(groups) ^ set(ratios))
+        if missing:
+            raise ValueError(f"mixture: groups {sorted(groups)} and ratios {sorted(ratios)} differ in {missing}")
+        self.names = list(groups)
+        self.groups = [g if isinstance(g, SourceGroup) else SourceGroup(n, list(g)) for n, g in groups.items()]
+        weights = np.array([float(ratios[n]) for n in self.names])
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"mixture ratios must be ≥ 0 with a positive sum, got {dict(ratios)}")
+        self.probs = weights / weights.sum()
+        self.seed = int(seed)
+        self.draws_per_epoch = int(draws_per_epoch)
+        self.max_retries = max_retries
+        self.skipped: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self.draws_per_epoch
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(index)])
+
+    def group_of(self, rng: np.random.Generator) -> int:
+        return int(rng.choice(len(self.groups), p=self.probs))
+
+    def __getitem__(self, index: int) -> Sample:
+        rng = self.rng(index)
+        last = None
+        for _ in range(self.max_retries + 1):
+            group = self.groups[self.group_of(rng)]
+            try:
+                sample = group.sample(rng)
+            except BadRecord as e:
+                self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
+                last = e
+                continue
+            sample.extra["group"] = group.name
+            sample.extra["draw"] = int(index)
+            return sample
+        raise BadRecord("retries_exhausted", f"mixture draw {index}: {self.max_retries + 1} bad records in a row; last: {last}")
