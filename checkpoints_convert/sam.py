@@ -1,0 +1,210 @@
+"""Segment Anything: PyTorch state dict ⇄ m2sa-jax parameters.
+
+Source keys are those of segment_anything's ``Sam`` (``image_encoder.*``,
+``prompt_encoder.*``, ``mask_decoder.*``), plus M²SA's ``mask_decoder.compress_vit.{0,1,3}.*``
+(0 conv, 1 LayerNorm2d, 2 GELU, 3 conv). A prefix (``model.visual_model.`` in LISA / M²SA
+folders) may precede every key.
+
+CLI::
+
+    python -m checkpoints_convert sam --src sam_vit_h_4b8939.pth --dst DIR
+    python -m checkpoints_convert sam --export --src DIR --dst sam.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Iterable
+
+import numpy as np
+
+from checkpoints_convert.io import iter_checkpoint
+from checkpoints_convert.table import ConversionError, Rule, convert, export, skip
+
+# embed dim of the image encoder → model type
+_TYPE_BY_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+
+
+def _linear(src: str, dst: str) -> list[Rule]:
+    return [Rule(f"{src}.weight", f"{dst}/kernel", "linear"), Rule(f"{src}.bias", f"{dst}/bias")]
+
+
+def _conv(src: str, dst: str, bias: bool = True, transform: str = "conv2d") -> list[Rule]:
+    rules = [Rule(f"{src}.weight", f"{dst}/kernel", transform)]
+    return rules + ([Rule(f"{src}.bias", f"{dst}/bias")] if bias else [])
+
+
+def _norm(src: str, dst: str) -> list[Rule]:
+    return [Rule(f"{src}.weight", f"{dst}/weight"), Rule(f"{src}.bias", f"{dst}/bias")]
+
+
+def _attention(src: str, dst: str) -> list[Rule]:
+    return [r for n in ("q_proj", "k_proj", "v_proj", "out_proj")
+            for r in _linear(f"{src}.{n}", f"{dst}/{n}")]
+
+
+def sam_rules(prefix: str = "") -> list[Rule]:
+    """The mapping table for SAM keys, each preceded by ``prefix`` (e.g. ``model.visual_model.``)."""
+    ie, pe, md = f"{prefix}image_encoder", f"{prefix}prompt_encoder", f"{prefix}mask_decoder"
+    t = f"{md}.transformer"
+    rules = [
+        *_conv(f"{ie}.patch_embed.proj", "image_encoder/patch_embed"),
+        Rule(f"{ie}.pos_embed", "image_encoder/pos_embed"),
+        *_norm(f"{ie}.blocks.{{i}}.norm1", "image_encoder/blocks_{i}/norm1"),
+        *_norm(f"{ie}.blocks.{{i}}.norm2", "image_encoder/blocks_{i}/norm2"),
+        *_linear(f"{ie}.blocks.{{i}}.attn.qkv", "image_encoder/blocks_{i}/attn/qkv"),
+        *_linear(f"{ie}.blocks.{{i}}.attn.proj", "image_encoder/blocks_{i}/attn/proj"),
+        Rule(f"{ie}.blocks.{{i}}.attn.rel_pos_h", "image_encoder/blocks_{i}/attn/rel_pos_h"),
+        Rule(f"{ie}.blocks.{{i}}.attn.rel_pos_w", "image_encoder/blocks_{i}/attn/rel_pos_w"),
+        *_linear(f"{ie}.blocks.{{i}}.mlp.lin1", "image_encoder/blocks_{i}/lin1"),
+        *_linear(f"{ie}.blocks.{{i}}.mlp.lin2", "image_encoder/blocks_{i}/lin2"),
+        *_conv(f"{ie}.neck.0", "image_encoder/neck_conv1", bias=False),
+        *_norm(f"{ie}.neck.1", "image_encoder/neck_ln1"),
+        *_conv(f"{ie}.neck.2", "image_encoder/neck_conv2", bias=False),
+        *_norm(f"{ie}.neck.3", "image_encoder/neck_ln2"),
+        Rule(f"{pe}.pe_layer.positional_encoding_gaussian_matrix",
+             "prompt_encoder/pe_layer/positional_encoding_gaussian_matrix"),
+        Rule(f"{pe}.point_embeddings.{{i}}.weight", "prompt_encoder/point_embeddings_{i}"),
+        Rule(f"{pe}.not_a_point_embed.weight", "prompt_encoder/not_a_point_embed"),
+        Rule(f"{pe}.no_mask_embed.weight", "prompt_encoder/no_mask_embed"),
+        *_conv(f"{pe}.mask_downscaling.0", "prompt_encoder/mask_conv0"),
+        *_norm(f"{pe}.mask_downscaling.1", "prompt_encoder/mask_ln0"),
+        *_conv(f"{pe}.mask_downscaling.3", "prompt_encoder/mask_conv1"),
+        *_norm(f"{pe}.mask_downscaling.4", "prompt_encoder/mask_ln1"),
+        *_conv(f"{pe}.mask_downscaling.6", "prompt_encoder/mask_conv2"),
+        Rule(f"{md}.iou_token.weight", "mask_decoder/iou_token"),
+        Rule(f"{md}.mask_tokens.weight", "mask_decoder/mask_tokens"),
+        *_attention(f"{t}.layers.{{i}}.self_attn", "mask_decoder/transformer/layers_{i}/self_attn"),
+        *_attention(f"{t}.layers.{{i}}.cross_attn_token_to_image",
+                    "mask_decoder/transformer/layers_{i}/cross_attn_token_to_image"),
+        *_attention(f"{t}.layers.{{i}}.cross_attn_image_to_token",
+                    "mask_decoder/transformer/layers_{i}/cross_attn_image_to_token"),
+        *_linear(f"{t}.layers.{{i}}.mlp.lin1", "mask_decoder/transformer/layers_{i}/mlp_lin1"),
+        *_linear(f"{t}.layers.{{i}}.mlp.lin2", "mask_decoder/transformer/layers_{i}/mlp_lin2"),
+        *[r for n in (1, 2, 3, 4)
+          for r in _norm(f"{t}.layers.{{i}}.norm{n}", f"mask_decoder/transformer/layers_{{i}}/norm{n}")],
+        *_attention(f"{t}.final_attn_token_to_image",
+                    "mask_decoder/transformer/final_attn_token_to_image"),
+        *_norm(f"{t}.norm_final_attn", "mask_decoder/transformer/norm_final_attn"),
+        *_conv(f"{md}.output_upscaling.0", "mask_decoder/upscale_conv0",
+               transform="conv_transpose2d"),
+        *_norm(f"{md}.output_upscaling.1", "mask_decoder/upscale_ln"),
+        *_conv(f"{md}.output_upscaling.3", "mask_decoder/upscale_conv1",
+               transform="conv_transpose2d"),
+        *_linear(f"{md}.output_hypernetworks_mlps.{{i}}.layers.{{j}}",
+                 "mask_decoder/output_hypernetworks_mlps_{i}/layers_{j}"),
+        *_linear(f"{md}.iou_prediction_head.layers.{{j}}", "mask_decoder/iou_prediction_head/layers_{j}"),
+        *_conv(f"{md}.compress_vit.0", "mask_decoder/compress_vit_conv0"),
+        *_norm(f"{md}.compress_vit.1", "mask_decoder/compress_vit_ln"),
+        *_conv(f"{md}.compress_vit.3", "mask_decoder/compress_vit_conv1"),
+        # Normalisation constants (non-persistent in segment_anything; present in some dumps):
+        # preprocessing owns them (m2sa_jax/data/preprocess.py).
+        skip(f"{prefix}pixel_mean"),
+        skip(f"{prefix}pixel_std"),
+    ]
+    return rules
+
+
+def infer_config(state: dict, prefix: str = "", model_type: str = "auto"):
+    """SamConfig for a state dict: model type from the encoder width (or as given) and
+    ``use_compress_vit`` from the presence of ``mask_decoder.compress_vit.*`` keys."""
+    from m2sa_jax.models.sam import sam_config
+
+    key = f"{prefix}image_encoder.patch_embed.proj.weight"
+    fuse = any(k.startswith(f"{prefix}mask_decoder.compress_vit.") for k in state)
+    if model_type == "auto":
+        if key not in state:
+            raise ConversionError(f"cannot infer the SAM model type: {key} is missing "
+                                  f"(is the prefix {prefix!r} right?); pass --model-type")
+        width = int(np.shape(state[key])[0])
+        if width not in _TYPE_BY_WIDTH:
+            raise ConversionError(f"{key} has width {width}, not one of the SAM ViT-B/L/H widths "
+                                  f"{sorted(_TYPE_BY_WIDTH)}; pass --model-type")
+        model_type = _TYPE_BY_WIDTH[width]
+    return sam_config(model_type, use_compress_vit=fuse)
+
+
+def convert_sam(state_iter: Iterable[tuple[str, np.ndarray]], config, *, prefix: str = "",
+                dtype=None, name: str = "SAM checkpoint") -> dict:
+    """Streams ``(torch_key, array)`` pairs into SAM parameters for ``config``.
+
+    Other models' keys (anything not starting with ``prefix``) are passed over, so a whole
+    LISA / M²SA folder can be streamed through with ``prefix="model.visual_model."``.
+    """
+    from m2sa_jax.models.sam import abstract_params
+
+    own = ((k, v) for k, v in state_iter if k.startswith(prefix))
+    return convert(own, sam_rules(prefix), abstract_params(config), dtype=dtype, name=name)
+
+
+def export_sam(params, *, prefix: str = "", dtype=None):
+    """Parameters → ``(torch_key, array)`` pairs in segment_anything's layout."""
+    return export(params, sam_rules(prefix), dtype=dtype)
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.float32
+
+
+def _to_jax(args) -> int:
+    from m2sa_jax.params_io import save_params
+
+    state = dict(iter_checkpoint(args.src))
+    config = infer_config(state, args.prefix, args.model_type)
+    params = convert_sam(state.items(), config, prefix=args.prefix,
+                         dtype=_np_dtype(args.dtype), name=args.src)
+    meta = {"model": "sam", "model_type": config.model_type,
+            "use_compress_vit": config.use_compress_vit, "dtype": args.dtype,
+            "config": config.to_dict(), "source": os.path.abspath(args.src)}
+    out = save_params(args.dst, params, meta)
+    print(f"SAM {config.model_type} (compress_vit: {config.use_compress_vit}) → {out}")
+    return 0
+
+
+def _to_torch(args) -> int:
+    import torch
+
+    from m2sa_jax.params_io import load_meta, load_params
+
+    meta = load_meta(args.src)
+    if meta.get("model") != "sam":
+        raise SystemExit(f"{args.src}: holds a {meta.get('model')!r} model, not SAM")
+    params = load_params(args.src)
+    out = {}
+    for key, arr in export_sam(params, prefix=args.prefix):
+        if args.dtype == "bfloat16":
+            out[key] = torch.from_numpy(np.asarray(arr, np.float32)).to(torch.bfloat16)
+        else:
+            out[key] = torch.from_numpy(np.asarray(arr, np.float32))
+    if args.dst.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(out, args.dst)
+    else:
+        torch.save(out, args.dst)
+    print(f"{len(out)} tensors → {args.dst}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sam", help="Segment Anything (ViT-B/L/H, optional M²SA compress_vit)",
+        description="Convert a segment_anything checkpoint to an m2sa-jax directory, or back "
+                    "with --export.")
+    p.add_argument("--src", required=True,
+                   help=".pth/.safetensors/HF folder (or, with --export, a converted directory)")
+    p.add_argument("--dst", required=True,
+                   help="output directory (or, with --export, a .pth or .safetensors file)")
+    p.add_argument("--model-type", default="auto", choices=["auto", "vit_b", "vit_l", "vit_h"],
+                   help="auto: inferred from the image encoder width")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="storage dtype of the written parameters")
+    p.add_argument("--prefix", default="",
+                   help="key prefix of the SAM weights, e.g. 'model.visual_model.'")
+    p.add_argument("--export", action="store_true", help="JAX directory → PyTorch file")
+    p.set_defaults(func=lambda a: _to_torch(a) if a.export else _to_jax(a))
