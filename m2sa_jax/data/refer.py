@@ -40,12 +40,20 @@ class _PlainDataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module in ("builtins", "__builtin__") and name in _SAFE_GLOBALS:
             return getattr(builtins, name)
+        if (module, name) == ("_codecs", "encode"):  # how protocol ≤ 2 spells a bytes literal
+            return _bytes_literal
         raise UnsafePickleError(
             f"{self._path}: refuses to load global {module}.{name}; a refs file holds only "
             "lists/dicts of strings and numbers. Re-download it from the dataset's official source.")
 
     def persistent_load(self, pid):
         raise UnsafePickleError(f"{self._path}: persistent ids are not allowed in a refs file")
+
+
+def _bytes_literal(text: str, encoding: str = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise UnsafePickleError(f"bytes literal with encoding {encoding!r} is not plain data")
+    return text.encode(encoding)
 
 
 def load_plain_pickle(path: str):
