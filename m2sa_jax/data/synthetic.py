@@ -1,0 +1,358 @@
+"""A small, seeded MMR-format dataset of drawn objects with parts (the embedded demo data).
+
+Each image (default 160×160 PNG) shows 2–3 objects of five kinds, each built from 2–3 parts:
+
+    cup: body, handle            lamp: shade, pole, base         chair: back, seat, legs
+    bottle: cap, neck, body      car: windows, body, wheels
+
+Objects may repeat (two cups) and overlap: later objects are drawn over earlier ones and every
+mask is the *visible* pixels. Distractor shapes (not of any kind) sit in the background and
+sometimes in front. Colours come from a per-part base colour with random jitter and pixel noise
+on a noisy gradient background, so colour alone does not tell the parts apart (a cup handle and
+a lamp pole share tones) but the data stays learnable by a small model in minutes.
+
+Instances of a kind are numbered from left to right by the centre of their bounding box
+(``cup_1`` is the leftmost cup); the questions that name an instance say so.
+Questions mirror MMR's mix (each answer has one ``{seg}`` per target):
+
+* object level, implicit, often multi-target: "Which objects light up the room?" →
+  "lamp_1 {seg} and lamp_2 {seg}";
+* part level, implicit, across instances: "Which parts of the cups are used to lift it?" →
+  "cup_1's handle {seg} and cup_2's handle {seg}";
+* part level, explicit: "Where is the cap of bottle_2, counting bottles from the left?";
+* mixed object + part: "Show chair_1, counting chairs from the left, and its part used to sit on."
+
+The JSON files follow the MMR record layout exactly (file_name, height, width, image_id,
+not_exhaustive_category_ids, neg_category_ids, coco_url, questions, annotations, answers,
+text_answers, raw_answers; annotations with bbox, segmentation {size, counts (RLE string)},
+image_id, category_name ("cup" or "cup:handle", PACO style), category_id, sorted_category_id).
+A part made of separate pieces (car wheels, chair legs) is stored as a list of RLEs, one per
+piece, which decodes with a third axis, as some MMR annotations do.
+
+``python -m m2sa_jax.data.synthetic --out DIR --train N --val M --seed S`` writes
+``DIR/MMR_train.json``, ``DIR/MMR_val.json`` and ``DIR/images/{train,val}/*.png``; the same
+arguments give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+# kind → (width range, height range, what the object is for, {part: what it is for}) in draw order.
+KINDS = {
+    "cup": ((40, 52), (44, 56), "hold a hot drink",
+            {"body": "hold the drink", "handle": "lift it"}),
+    "lamp": ((44, 56), (72, 92), "light up the room",
+             {"shade": "spread the light", "pole": "hold the shade up", "base": "keep it standing"}),
+    "chair": ((48, 60), (64, 80), "be sat on",
+              {"back": "support your back", "seat": "sit on", "legs": "stand on the floor"}),
+    "bottle": ((30, 38), (72, 92), "store a liquid",
+               {"cap": "open it", "neck": "pour the liquid", "body": "hold most of the liquid"}),
+    "car": ((72, 90), (44, 54), "take you on a trip",
+            {"windows": "look outside", "body": "carry the passengers", "wheels": "roll on the road"}),
+}
+PART_COLOURS = {
+    ("cup", "body"): (200, 60, 60), ("cup", "handle"): (230, 200, 60),
+    ("lamp", "shade"): (240, 220, 120), ("lamp", "pole"): (230, 200, 60), ("lamp", "base"): (90, 90, 90),
+    ("chair", "back"): (150, 90, 40), ("chair", "seat"): (190, 120, 50), ("chair", "legs"): (90, 60, 30),
+    ("bottle", "cap"): (200, 60, 60), ("bottle", "neck"): (80, 170, 90), ("bottle", "body"): (60, 140, 80),
+    ("car", "windows"): (120, 190, 230), ("car", "body"): (60, 80, 200), ("car", "wheels"): (30, 30, 30),
+}
+OBJECT_IDS = {kind: i + 1 for i, kind in enumerate(KINDS)}
+PART_IDS = {key: 100 + i for i, key in enumerate(PART_COLOURS)}
+SORTED_IDS = {name: i for i, name in enumerate(sorted(list(KINDS) + [f"{k}:{p}" for k, p in PART_COLOURS]))}
+
+
+# --------------------------------------------------------------------------- shapes
+def _rect(h, w, x0, y0, x1, y1):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+
+
+def _ellipse(h, w, cx, cy, rx, ry):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1.0
+
+
+def _trapezoid(h, w, x0, x1, y0, y1, top_frac):
+    """Symmetric trapezoid between rows y0..y1, full width x0..x1 at the bottom."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    t = np.clip((yy + 0.5 - y0) / max(y1 - y0, 1), 0, 1)
+    half = (x1 - x0) / 2 * (top_frac + (1 - top_frac) * t)
+    cx = (x0 + x1) / 2
+    return (np.abs(xx + 0.5 - cx) <= half) & (yy >= y0) & (yy < y1)
+
+
+def _parts(kind: str, h: int, w: int, x0: float, y0: float, bw: float, bh: float) -> dict[str, list[np.ndarray]]:
+    """Full (unoccluded) masks of each part, a list of pieces per part, in draw order."""
+    if kind == "cup":
+        body = _rect(h, w, x0, y0 + 0.1 * bh, x0 + 0.72 * bw, y0 + bh)
+        ring = _ellipse(h, w, x0 + 0.72 * bw, y0 + 0.52 * bh, 0.28 * bw, 0.3 * bh) & \
+            ~_ellipse(h, w, x0 + 0.72 * bw, y0 + 0.52 * bh, 0.13 * bw, 0.14 * bh)
+        handle = ring & ~body & _rect(h, w, x0 + 0.72 * bw, 0, w, h)
+        return {"body": [body], "handle": [handle]}
+    if kind == "lamp":
+        shade = _trapezoid(h, w, x0, x0 + bw, y0, y0 + 0.35 * bh, 0.5)
+        pole_w = max(8.0, 0.16 * bw)
+        pole = _rect(h, w, x0 + bw / 2 - pole_w / 2, y0 + 0.35 * bh, x0 + bw / 2 + pole_w / 2, y0 + 0.88 * bh)
+        base = _rect(h, w, x0 + 0.12 * bw, y0 + 0.88 * bh, x0 + 0.88 * bw, y0 + bh)
+        return {"shade": [shade], "pole": [pole], "base": [base]}
+    if kind == "chair":
+        back = _rect(h, w, x0, y0, x0 + 0.22 * bw, y0 + 0.52 * bh)
+        seat = _rect(h, w, x0, y0 + 0.52 * bh, x0 + bw, y0 + 0.66 * bh)
+        leg_w = max(8.0, 0.14 * bw)
+        legs = [_rect(h, w, x0 + 0.04 * bw, y0 + 0.66 * bh, x0 + 0.04 * bw + leg_w, y0 + bh),
+                _rect(h, w, x0 + 0.96 * bw - leg_w, y0 + 0.66 * bh, x0 + 0.96 * bw, y0 + bh)]
+        return {"back": [back], "seat": [seat], "legs": legs}
+    if kind == "bottle":
+        cap = _rect(h, w, x0 + 0.22 * bw, y0, x0 + 0.78 * bw, y0 + 0.15 * bh)
+        neck = _trapezoid(h, w, x0 + 0.1 * bw, x0 + 0.9 * bw, y0 + 0.15 * bh, y0 + 0.42 * bh, 0.55)
+        body = _rect(h, w, x0, y0 + 0.42 * bh, x0 + bw, y0 + bh)
+        return {"cap": [cap], "neck": [neck], "body": [body]}
+    if kind == "car":
+        windows = _trapezoid(h, w, x0 + 0.18 * bw, x0 + 0.8 * bw, y0, y0 + 0.36 * bh, 0.7)
+        body = _rect(h, w, x0, y0 + 0.36 * bh, x0 + bw, y0 + 0.8 * bh)
+        r = 0.2 * bh
+        wheels = [_ellipse(h, w, x0 + 0.22 * bw, y0 + bh - r, r, r),
+                  _ellipse(h, w, x0 + 0.78 * bw, y0 + bh - r, r, r)]
+        return {"windows": [windows], "body": [body], "wheels": wheels}
+    raise ValueError(f"unknown kind {kind}")
+
+
+def _noisy_colour(rng, base, jitter=35):
+    return np.clip(np.asarray(base, np.float32) + rng.uniform(-jitter, jitter, 3), 0, 255)
+
+
+# --------------------------------------------------------------------------- one image
+class _Scene:
+    """Label map of drawn pieces (0 = background / distractor) plus the RGB canvas."""
+
+    def __init__(self, rng, size):
+        self.rng, self.size = rng, size
+        h = w = size
+        a, b = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
+        t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+        self.rgb = (a * (1 - t) + b * t) * np.ones((1, w, 1), np.float32)
+        self.rgb += rng.normal(0, 14, (h, w, 3)).astype(np.float32)
+        self.labels = np.zeros((h, w), np.int32)
+        self.pieces: dict[int, tuple[int, str, int]] = {}    # label → (object index, part, piece)
+        self.next_label = 1
+
+    def paint(self, mask, colour, key=None, texture=12.0):
+        colour = np.asarray(colour, np.float32)
+        noise = self.rng.normal(0, texture, (int(mask.sum()), 3)).astype(np.float32)
+        self.rgb[mask] = colour + noise
+        if key is None:
+            self.labels[mask] = 0
+        else:
+            self.labels[mask] = self.next_label
+            self.pieces[self.next_label] = key
+            self.next_label += 1
+
+    def distractor(self):
+        s, rng = self.size, self.rng
+        cx, cy = rng.uniform(0, s, 2)
+        rx, ry = rng.uniform(6, 18, 2)
+        shape = (_ellipse(s, s, cx, cy, rx, ry) if rng.random() < 0.5
+                 else _rect(s, s, cx - rx, cy - ry, cx + rx, cy + ry))
+        base = list(PART_COLOURS.values())[int(rng.integers(len(PART_COLOURS)))] \
+            if rng.random() < 0.5 else rng.uniform(0, 255, 3)
+        self.paint(shape, _noisy_colour(rng, base, 50))
+
+
+def _layout(rng, size, kinds):
+    boxes = []
+    for kind in kinds:
+        (wl, wh), (hl, hh) = KINDS[kind][0], KINDS[kind][1]
+        bw, bh = rng.uniform(wl, wh) * size / 160, rng.uniform(hl, hh) * size / 160
+        boxes.append((kind, rng.uniform(0, size - bw), rng.uniform(0, size - bh), bw, bh))
+    return boxes
+
+
+def _draw(rng, size, kinds, min_visible=0.55, min_pixels=30):
+    """Draws a scene; returns None if some part is too occluded (the caller retries)."""
+    scene = _Scene(rng, size)
+    for _ in range(int(rng.integers(1, 4))):
+        scene.distractor()
+    boxes = _layout(rng, size, kinds)
+    full: dict[tuple[int, str], list[np.ndarray]] = {}
+    for obj, (kind, x0, y0, bw, bh) in enumerate(boxes):
+        for part, pieces in _parts(kind, size, size, x0, y0, bw, bh).items():
+            colour = _noisy_colour(rng, PART_COLOURS[(kind, part)])
+            full[(obj, part)] = pieces
+            for p, piece in enumerate(pieces):
+                scene.paint(piece, colour, (obj, part, p))
+    if rng.random() < 0.5:
+        scene.distractor()
+    visible: dict[tuple[int, str], list[np.ndarray]] = {}
+    for label, (obj, part, p) in scene.pieces.items():
+        visible.setdefault((obj, part), [None] * len(full[(obj, part)]))[p] = scene.labels == label
+    for key, pieces in visible.items():
+        for p, vis in enumerate(pieces):
+            area = full[key][p].sum()
+            if vis.sum() < max(min_pixels, min_visible * area):
+                return None
+    return scene, boxes, visible
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _bbox(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _questions(rng, names, anns, kinds_present):
+    """Candidate (question, text_answer, [annotation keys], raw answer) tuples of one image."""
+    out = []
+    for kind, objs in kinds_present.items():
+        purpose, parts = KINDS[kind][2], KINDS[kind][3]
+        plural = len(objs) > 1
+        out.append((f"Which {'objects' if plural else 'object'} in the picture can {purpose}?",
+                    [(o, None) for o in objs]))
+        for part, fn in parts.items():
+            out.append((f"Which part{'s' if plural else ''} of the {kind}{'s are' if plural else ' is'} "
+                        f"used to {fn}?",
+                        [(o, part) for o in objs]))
+        o = objs[int(rng.integers(len(objs)))]
+        part = list(parts)[int(rng.integers(len(parts)))]
+        out.append((f"Where is the {part} of {names[o]}, counting {kind}s from the left?", [(o, part)]))
+        part = list(parts)[int(rng.integers(len(parts)))]
+        out.append((f"Show {names[o]}, counting {kind}s from the left, and its part used to "
+                    f"{parts[part]}.", [(o, None), (o, part)]))
+    kinds = list(kinds_present)
+    if len(kinds) >= 2:
+        a, b = rng.choice(len(kinds), 2, replace=False)
+        ka, kb = kinds[int(a)], kinds[int(b)]
+        targets = [(o, None) for o in kinds_present[ka] + kinds_present[kb]]
+        if len(targets) <= 4:
+            out.append((f"Which objects can {KINDS[ka][2]} or {KINDS[kb][2]}?", targets))
+    result = []
+    for question, targets in out:
+        words = []
+        for o, part in targets:
+            if part is None:
+                words.append(f"{names[o]}")
+            elif (o, None) in targets:
+                words.append(f"its {part}")
+            else:
+                words.append(f"{names[o]}'s {part}")
+        text = _join([f"{w} {{seg}}" for w in words])
+        raw = _join(words)
+        result.append((question, text, [anns[t] for t in targets], raw))
+    return result
+
+
+def make_record(rng: np.random.Generator, image_id: int, size: int, file_name: str):
+    """(MMR record, RGB uint8 image) of one synthetic image."""
+    for _ in range(200):
+        n = int(rng.integers(2, 4))
+        kinds = [str(k) for k in rng.choice(list(KINDS), n)]
+        if rng.random() < 0.5:                       # encourage repeated kinds: multi-instance questions
+            kinds[-1] = kinds[0]
+        drawn = _draw(rng, size, kinds)
+        if drawn is not None:
+            break
+    else:
+        raise RuntimeError(f"synthetic image {image_id}: no layout without heavy occlusion in 200 tries")
+    scene, boxes, visible = drawn
+    centre_x = {obj: box[1] + box[3] / 2 for obj, box in enumerate(boxes)}
+    kinds_present: dict[str, list[int]] = {}
+    for obj in sorted(range(len(boxes)), key=lambda o: centre_x[o]):
+        kinds_present.setdefault(boxes[obj][0], []).append(obj)
+    names = {obj: f"{kind}_{i + 1}" for kind, objs in kinds_present.items() for i, obj in enumerate(objs)}
+
+    anns, all_anns = {}, []
+    for obj, (kind, *_box) in enumerate(boxes):
+        object_mask = np.zeros((size, size), bool)
+        for part in KINDS[kind][3]:
+            pieces = visible[(obj, part)]
+            object_mask |= np.any(pieces, axis=0)
+            seg = _rle(pieces[0]) if len(pieces) == 1 else [_rle(p) for p in pieces]
+            name = f"{kind}:{part}"
+            anns[(obj, part)] = {"bbox": _bbox(np.any(pieces, axis=0)), "segmentation": seg,
+                                 "image_id": image_id, "category_name": name,
+                                 "category_id": PART_IDS[(kind, part)], "sorted_category_id": SORTED_IDS[name]}
+        anns[(obj, None)] = {"bbox": _bbox(object_mask), "segmentation": _rle(object_mask),
+                             "image_id": image_id, "category_name": kind,
+                             "category_id": OBJECT_IDS[kind], "sorted_category_id": SORTED_IDS[kind]}
+    for obj in range(len(boxes)):
+        all_anns.append(anns[(obj, None)])
+        all_anns.extend(anns[(obj, part)] for part in KINDS[boxes[obj][0]][3])
+
+    candidates = _questions(rng, names, anns, kinds_present)
+    order = rng.permutation(len(candidates))[:6]
+    chosen = [candidates[int(i)] for i in order]
+    present = {OBJECT_IDS[k] for k in kinds_present}
+    record = {
+        "file_name": file_name, "height": size, "width": size, "image_id": image_id,
+        "not_exhaustive_category_ids": [],
+        "neg_category_ids": sorted(set(OBJECT_IDS.values()) - present),
+        "coco_url": "",
+        "questions": [q for q, _, _, _ in chosen],
+        "annotations": all_anns,
+        "answers": [a for _, _, a, _ in chosen],
+        "text_answers": [t for _, t, _, _ in chosen],
+        "raw_answers": [r for _, _, _, r in chosen],
+    }
+    rgb = np.clip(np.rint(scene.rgb), 0, 255).astype(np.uint8)
+    return record, rgb
+
+
+def write_split(out_dir: str, split: str, count: int, seed: int, size: int = 160,
+                first_image_id: int = 1, progress: Callable[[int], None] | None = None) -> str:
+    """Writes ``count`` images under ``out_dir/images/<split>/`` and ``out_dir/MMR_<split>.json``."""
+    image_dir = os.path.join(out_dir, "images", split)
+    os.makedirs(image_dir, exist_ok=True)
+    split_key = sum(ord(c) for c in split)
+    records = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, split_key, i])
+        image_id = first_image_id + i
+        file_name = f"{split}/{image_id:06d}.png"
+        record, rgb = make_record(rng, image_id, size, file_name)
+        Image.fromarray(rgb).save(os.path.join(out_dir, "images", file_name), optimize=False)
+        records.append(record)
+        if progress:
+            progress(i)
+    path = os.path.join(out_dir, f"MMR_{split}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f, ensure_ascii=False)
+    return path
+
+
+def generate(out_dir: str, train: int, val: int, seed: int = 0, size: int = 160) -> dict[str, str]:
+    """Both splits; val image ids follow the train ones so ids are unique across the dataset."""
+    return {"train": write_split(out_dir, "train", train, seed, size, first_image_id=1),
+            "val": write_split(out_dir, "val", val, seed, size, first_image_id=train + 1)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write a seeded synthetic MMR-format dataset.")
+    parser.add_argument("--out", required=True, help="output folder (MMR_*.json + images/)")
+    parser.add_argument("--train", type=int, default=400)
+    parser.add_argument("--val", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=160, help="image side in pixels")
+    args = parser.parse_args(argv)
+    paths = generate(args.out, args.train, args.val, args.seed, args.size)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+
+
+if __name__ == "__main__":
+    main()
