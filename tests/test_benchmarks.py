@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from m2sa_jax.data.types import BadRecord
 from m2sa_jax.evaluation import benchmarks
 from m2sa_jax.evaluation.metrics import SegmentationMetrics, mask_stats
 
@@ -75,8 +76,11 @@ def test_reason_seg_reader(tmp_path):
     assert ids == ["reason_seg/val/a_sentence", "reason_seg/val/b_phrase_cp1252",
                    "reason_seg/val/c_no_target", "reason_seg/val/d_rotated"]
     assert skips.counts == {"missing_json": 1, "malformed_shapes": 1, "no_query": 1, "invalid_json": 1}
-    assert "reason_seg/val/f_bad_points" in skips.examples["malformed_shapes"][0]
+    rid, message = skips.examples["malformed_shapes"][0]
+    assert rid == "reason_seg/val/f_bad_points" and "f_bad_points.json" in message
     assert "4 records skipped" in skips.summary()
+    with pytest.raises(BadRecord, match="e_missing_json"):
+        benchmarks.reason_seg(str(d), strict=True)
 
     a, b, c, rot = samples
     assert a.questions == ["the thing you sit on to rest"] and a.answers == ["[SEG]"]
@@ -288,7 +292,7 @@ def test_multi_target_paper_protocol_skips_small_images(tmp_path):
     (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
     samples, skips = benchmarks.multi_target_referring(str(root), "refcoco", "val")
     assert skips.counts == {"too_few_categories": 1}
-    assert "multi-refcoco(unc)/val/paper/2" in skips.examples["too_few_categories"][0]
+    assert skips.examples["too_few_categories"][0][0] == "multi-refcoco(unc)/val/paper/2"
     assert len(samples) == 2
 
 
@@ -376,3 +380,71 @@ def test_refcocom_reader(tmp_path):
     r = m_acc.result()["refcocom_val"]
     assert r["part"]["masks"] == 3 and r["object"]["masks"] == 2 and r["all"]["giou"] == pytest.approx(
         1.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------- MMR
+
+def _mmr_record(image_id, file_name, h, w, qa):
+    """One MMR record (SPEC §6 layout); qa = [(question, text_answer, [(name, mask)])]."""
+    answers = [[{"bbox": [0, 0, 1, 1], "segmentation": _rle(m), "image_id": image_id,
+                 "category_name": name, "category_id": 7, "sorted_category_id": 3}
+                for name, m in targets] for _, _, targets in qa]
+    return {"file_name": file_name, "height": h, "width": w, "image_id": image_id,
+            "not_exhaustive_category_ids": [], "neg_category_ids": [],
+            "coco_url": f"http://example/{file_name}", "questions": [q for q, _, _ in qa],
+            "answers": answers, "text_answers": [t for _, t, _ in qa],
+            "raw_answers": [t.replace("{seg}", "") for _, t, _ in qa]}
+
+
+@pytest.mark.parametrize("split", ["val", "test_mixed", "test_obj_only", "test_part_only"])
+def test_mmr_splits_validation_mode(tmp_path, split):
+    images = tmp_path / "coco"
+    images.mkdir()
+    rng = np.random.default_rng(5)
+    H, W = 16, 20
+
+    def m():
+        return rng.random((H, W)) < 0.3
+
+    _jpeg(str(images / "000000000001.jpg"), H, W)
+    _jpeg(str(images / "000000000002.jpg"), H, W)
+    masks = {k: m() for k in range(6)}
+    records = [
+        _mmr_record(1, "000000000001.jpg", H, W, [
+            ("  Which parts hold the drink? ", "the mug's handle {seg} and the cup's handle {seg}",
+             [("mug:handle", masks[0]), ("cup:handle", masks[1])]),
+            ("What carries people?", "the car {seg}", [("car_(automobile)", masks[2])]),
+            ("What do you sit on?", "the chair {seg}", [("chair", masks[3])]),
+            ("Where is the light?", "the lamp {seg} with its shade {seg}",
+             [("lamp", masks[4]), ("lamp:shade", masks[5])]),
+        ]),
+        _mmr_record(2, "000000000002.jpg", H, W, [
+            ("Bad count?", "one {seg}", [("dog", masks[0]), ("dog:ear", masks[1])]),
+        ]),
+        _mmr_record(3, "000000000404.jpg", H, W, [("Missing image?", "x {seg}", [("dog", masks[0])])]),
+    ]
+    name = benchmarks.MMR_SPLITS[split]
+    (tmp_path / name).write_text(json.dumps(records))
+    samples, skips = benchmarks.mmr(str(tmp_path), str(images), split)
+    assert skips.counts == {"seg_count": 1, "missing_image": 1}
+    assert len(samples) == 1
+    s = samples[0]
+    assert s.record_id == f"{name} record 0 (image_id 1)"
+    assert s.questions == ["Which parts hold the drink?", "What carries people?",
+                           "What do you sit on?", "Where is the light?"]      # all, in order
+    assert s.answers[0] == "the mug's handle [SEG] and the cup's handle [SEG]"
+    assert s.extra["eval_questions"][0] == " Which parts hold the drink? Please output segmentation mask."
+    assert s.extra["eval_answers"] == ["the mug's handle [SEG] and the cup's handle [SEG].",
+                                       "the car [SEG].", "the chair [SEG].",
+                                       "the lamp [SEG] with its shade [SEG]."]
+    assert [[r.kind for r in ms] for ms in s.masks] == [["part", "part"], ["object"], ["object"],
+                                                          ["object", "part"]]
+    flat = [r for ms in s.masks for r in ms]
+    for k, ref in enumerate(flat):
+        np.testing.assert_array_equal(ref.decode(), masks[k])
+    # Every answer has as many [SEG] as masks (what teacher forcing relies on).
+    assert [a.count("[SEG]") for a in s.answers] == [len(ms) for ms in s.masks]
+    with pytest.raises(BadRecord):
+        benchmarks.mmr(str(tmp_path), str(images), split, strict=True)
+    with pytest.raises(ValueError, match="MMR split"):
+        benchmarks.mmr(str(tmp_path), str(images), "train")

@@ -1,7 +1,8 @@
 """Benchmark readers: upstream on-disk formats → evaluation :class:`Sample` lists.
 
-Every reader returns ``(samples, skips)``: samples with stable ``record_id`` s, and a
-:class:`SkipCounter` naming every record left out and why. Each sample's questions are the
+Every reader returns ``(samples, skips)``: samples with stable ``record_id`` s, and the
+data package's :class:`~m2sa_jax.data.skips.SkipCounter` naming every record left out and
+why (``strict=True`` raises on the first bad record instead). Each sample's questions are the
 bare sentence (as every source stores them) and its ``extra`` holds the exact evaluation turns:
 
 - ``extra["eval_questions"]``: the user turns without the ``<image>\\n`` prefix, e.g.
@@ -50,6 +51,8 @@ from PIL import Image
 
 from m2sa_jax.data import templates
 from m2sa_jax.data.conversation import validation_answer, validation_question
+from m2sa_jax.data.images import image_size
+from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import SEG_TOKEN, BadRecord, MaskRef, Sample
 
 MMR_SPLITS = {
@@ -67,33 +70,6 @@ RELEASED_GROUP_SIZES = (6, 5, 4)
 PAPER_CATEGORY_RANGE = (4, 6)
 
 
-@dataclasses.dataclass
-class SkipCounter:
-    """Records left out of a benchmark: a count per reason and the first few record ids."""
-
-    keep_ids: int = 5
-    counts: dict[str, int] = dataclasses.field(default_factory=dict)
-    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-
-    def skip(self, reason: str, record_id: str, message: str = "") -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        ids = self.examples.setdefault(reason, [])
-        if len(ids) < self.keep_ids:
-            ids.append(f"{record_id}: {message}" if message else record_id)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> str:
-        if not self.counts:
-            return "no records skipped"
-        lines = [f"{self.total} records skipped:"]
-        for reason, n in sorted(self.counts.items()):
-            lines.append(f"  {reason}: {n} (e.g. {'; '.join(self.examples[reason])})")
-        return "\n".join(lines)
-
-
 def _with_eval_turns(sample: Sample, questions: Sequence[str] | None = None,
                      answers: Sequence[str] | None = None) -> Sample:
     sample.extra["eval_questions"] = list(questions) if questions is not None else [
@@ -105,22 +81,23 @@ def _with_eval_turns(sample: Sample, questions: Sequence[str] | None = None,
 
 # ----------------------------------------------------------------------------------- MMR
 
-def mmr(mmr_root: str, image_root: str, split: str = "val", **reader_kwargs
-        ) -> tuple[list[Sample], SkipCounter]:
+def mmr(mmr_root: str, image_root: str, split: str = "val", strict: bool = False,
+        **reader_kwargs) -> tuple[list[Sample], SkipCounter]:
     """An MMR split (``val``, ``test_mixed``, ``test_obj_only``, ``test_part_only``) in
     validation mode: every question of every record, each with its own teacher-forced answer.
 
     ``mmr_root`` holds the ``MMR_*.json`` files; ``image_root`` the COCO images the records'
     ``file_name`` s resolve under. The MMR reader decides object/part per mask
-    (``MaskRef.kind``), which the metrics break down by.
+    (``MaskRef.kind``), which the metrics break down by; ``reader_kwargs`` go to it.
     """
     if split not in MMR_SPLITS:
         raise ValueError(f"MMR split {split!r} is not one of {sorted(MMR_SPLITS)}")
-    from m2sa_jax.data import mmr as mmr_reader
+    from m2sa_jax.data.mmr import MMRDataset
 
-    path = os.path.join(mmr_root, MMR_SPLITS[split])
-    samples, skips = mmr_reader.read_mmr_eval(path, image_root, **reader_kwargs)
-    return [_with_eval_turns(s) for s in samples], skips
+    dataset = MMRDataset(os.path.join(mmr_root, MMR_SPLITS[split]), image_root, prompt="raw",
+                         strict=strict, **reader_kwargs)
+    samples = [_with_eval_turns(dataset.sample(i, all_questions=True)) for i in range(len(dataset))]
+    return samples, dataset.skips
 
 
 # ------------------------------------------------------------------------------ ReasonSeg
@@ -134,18 +111,6 @@ def _read_json_text(path: str) -> Any:
     except UnicodeDecodeError:
         text = raw.decode("cp1252")
     return json.loads(text)
-
-
-def _displayed_size(image_path: str) -> tuple[int, int]:
-    """(height, width) as OpenCV's ``imread`` returns the image: EXIF orientation applied,
-    so orientations 5–8 swap the stored sides. The public code draws the label map at this
-    size."""
-    with Image.open(image_path) as im:
-        width, height = im.size
-        orientation = im.getexif().get(0x0112, 1)
-    if orientation in (5, 6, 7, 8):
-        height, width = width, height
-    return height, width
 
 
 def _reason_seg_polygons(shapes: Any) -> list[tuple[np.ndarray, int]]:
@@ -194,7 +159,7 @@ def _reason_seg_region(json_path: str, height: int, width: int, value: int) -> n
     return reason_seg_label_map(_read_json_text(json_path)["shapes"], height, width) == value
 
 
-def reason_seg(split_dir: str) -> tuple[list[Sample], SkipCounter]:
+def reason_seg(split_dir: str, strict: bool = False) -> tuple[list[Sample], SkipCounter]:
     """ReasonSeg ``val`` or ``test`` (``<root>/reason_seg/ReasonSeg/<split>``), sorted by name.
 
     One sample per image: its first query text, stripped; a sentence (``is_sentence``) is the
@@ -203,7 +168,7 @@ def reason_seg(split_dir: str) -> tuple[list[Sample], SkipCounter]:
     ignore polygons in ``extra["ignore_masks"]``. An image without target polygons stays
     (its ground truth is empty: an empty prediction scores 1.0).
     """
-    skips = SkipCounter()
+    skips = SkipCounter(strict=strict)
     samples = []
     images = sorted(glob.glob(os.path.join(split_dir, "*.jpg")))
     if not images:
@@ -225,10 +190,7 @@ def reason_seg(split_dir: str) -> tuple[list[Sample], SkipCounter]:
                 texts = [texts]
             if not texts or not isinstance(texts[0], str) or not texts[0].strip():
                 raise BadRecord("no_query", "'text' holds no query")
-            try:
-                height, width = _displayed_size(image_path)
-            except OSError as e:
-                raise BadRecord("unreadable_image", str(e)) from None
+            height, width = image_size(image_path)  # as OpenCV shows it: EXIF-rotated
             _reason_seg_polygons(anno.get("shapes"))
             text = texts[0].strip()
             question = text if anno.get("is_sentence") else f"What is {text} in this image?"
@@ -237,7 +199,7 @@ def reason_seg(split_dir: str) -> tuple[list[Sample], SkipCounter]:
             ignore = MaskRef(functools.partial(_reason_seg_region, json_path, height, width, 255),
                              height, width, "ignore", "object")
         except BadRecord as e:
-            skips.skip(e.reason, record_id, str(e))
+            skips.add(e.reason, record_id, f"{json_path}: {e}")
             continue
         sample = Sample(source="reason_seg", record_id=record_id, image_path=image_path,
                         questions=[question], answers=[SEG_TOKEN], masks=[[target]],
@@ -257,14 +219,14 @@ def _open_refer(data_root: str, dataset: str, split_by: str | None, image_dir: s
 
 def refcoco(data_root: str, dataset: str = "refcoco", split: str = "val",
             split_by: str | None = None, image_dir: str | None = None,
-            kind: str = "object") -> tuple[list[Sample], SkipCounter]:
+            kind: str = "object", strict: bool = False) -> tuple[list[Sample], SkipCounter]:
     """RefCOCO / RefCOCO+ / RefCOCOg (and RefCOCOm in the REFER layout, ``kind="part"``).
 
     ``data_root`` is LISA's ``refer_seg`` folder (``<dataset>/refs(<split_by>).p`` +
     ``instances.json``; images under ``images/mscoco/images/train2014``).
     """
     refer = _open_refer(data_root, dataset, split_by, image_dir)
-    skips = SkipCounter()
+    skips = SkipCounter(strict=strict)
     samples = []
     split_refs = refer.ref_ids(split)
     wanted = set(split_refs)
@@ -272,7 +234,8 @@ def refcoco(data_root: str, dataset: str = "refcoco", split: str = "val",
         record_id = f"{dataset}({refer.split_by})/{split}/{image_id}"
         img = refer.imgs.get(image_id)
         if img is None:
-            skips.skip("missing_image_entry", record_id, f"image {image_id} not in instances.json")
+            skips.add("missing_image_entry", record_id,
+                      f"{refer.instances_file}: image {image_id} of the split's refs is not listed")
             continue
         questions, masks = [], []
         for ref in refer.img_to_refs[image_id]:
@@ -284,7 +247,8 @@ def refcoco(data_root: str, dataset: str = "refcoco", split: str = "val",
                 questions.append(f"What is {sent} in this image?")
                 masks.append([dataclasses.replace(mask, kind=kind)])
         if not questions:
-            skips.skip("no_sentences", record_id, "the split's refs of this image have no sentence")
+            skips.add("no_sentences", record_id,
+                      f"{refer.refs_file}: the split's refs of image {image_id} have no sentence")
             continue
         samples.append(_with_eval_turns(Sample(
             source=dataset, record_id=record_id, image_path=refer.image_path(image_id),
@@ -294,7 +258,7 @@ def refcoco(data_root: str, dataset: str = "refcoco", split: str = "val",
 
 
 def refcocom(annotation_json: str, mask_dir: str, image_dir: str,
-             kind: str | None = None) -> tuple[list[Sample], SkipCounter]:
+             kind: str | None = None, strict: bool = False) -> tuple[list[Sample], SkipCounter]:
     """RefCOCOm in the CRIS layout the MMR evaluation reads (see the module docstring).
 
     The ground truth is the PNG's pixels equal to 255 (the public code reads it as
@@ -309,7 +273,7 @@ def refcocom(annotation_json: str, mask_dir: str, image_dir: str,
     if not isinstance(records, list):
         raise ValueError(f"{annotation_json}: expected a JSON list of refs (CRIS layout)")
     name = os.path.splitext(os.path.basename(annotation_json))[0]
-    skips = SkipCounter()
+    skips = SkipCounter(strict=strict)
     samples = []
     seen = set()
     for k, rec in enumerate(records):
@@ -337,7 +301,7 @@ def refcocom(annotation_json: str, mask_dir: str, image_dir: str,
             if (mh, mw) != (ih, iw):
                 raise BadRecord("mask_size_mismatch", f"mask {mh}x{mw} but image {ih}x{iw}")
         except BadRecord as e:
-            skips.skip(e.reason, record_id, str(e))
+            skips.add(e.reason, record_id, f"{annotation_json} record {k} ({record_id}): {e}")
             continue
         seen.add(segment_id)
         mask = MaskRef(functools.partial(_png_equals_255, mask_path), ih, iw, rec.get("cat_name", ""), kind)
@@ -357,7 +321,8 @@ def _png_equals_255(path: str) -> np.ndarray:
 
 def multi_target_referring(data_root: str, dataset: str = "refcoco", split: str = "val",
                            protocol: str = "paper", seed: int = 0, split_by: str | None = None,
-                           image_dir: str | None = None) -> tuple[list[Sample], SkipCounter]:
+                           image_dir: str | None = None, strict: bool = False
+                           ) -> tuple[list[Sample], SkipCounter]:
     """Several targets of one image in one question (paper Table 4 / §A.10).
 
     ``protocol="paper"``: for each image of the REFER split, ``n`` ~ U{4, 5, 6} (at most the
@@ -377,7 +342,7 @@ def multi_target_referring(data_root: str, dataset: str = "refcoco", split: str 
     from m2sa_jax.data.sources.common import coco_mask
 
     refer = _open_refer(data_root, dataset, split_by, image_dir)
-    skips = SkipCounter()
+    skips = SkipCounter(strict=strict)
     samples = []
     split_refs = refer.ref_ids(split)
     wanted = set(split_refs)
@@ -396,8 +361,9 @@ def multi_target_referring(data_root: str, dataset: str = "refcoco", split: str 
             cats = sorted(c for c in by_cat if c in refer.cats)
             low, high = PAPER_CATEGORY_RANGE
             if len(cats) < low:
-                skips.skip("too_few_categories", record_id,
-                           f"{len(cats)} categories, the protocol asks for {low}-{high}")
+                skips.add("too_few_categories", record_id,
+                          f"{refer.instances_file}: image {image_id} has {len(cats)} categories, "
+                          f"the protocol asks for {low}-{high}")
                 continue
             rng = np.random.default_rng([seed, int(image_id)])
             n = min(int(rng.integers(low, high + 1)), len(cats))
@@ -421,7 +387,8 @@ def multi_target_referring(data_root: str, dataset: str = "refcoco", split: str 
                 sents.append(sent.strip().lower())
                 masks.append(refer.mask(ref["ann_id"], sents[-1]))
         if not sents:
-            skips.skip("no_sentences", record_id, "the split's refs of this image have no sentence")
+            skips.add("no_sentences", record_id,
+                      f"{refer.refs_file}: the split's refs of image {image_id} have no sentence")
             continue
         questions, answers, grouped = [], [], []
         start, g = 0, 0
