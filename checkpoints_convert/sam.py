@@ -22,10 +22,6 @@ import numpy as np
 from checkpoints_convert.io import iter_checkpoint
 from checkpoints_convert.table import ConversionError, Rule, convert, export, skip
 
-# embed dim of the image encoder → model type
-_TYPE_BY_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
-
-
 def _linear(src: str, dst: str) -> list[Rule]:
     return [Rule(f"{src}.weight", f"{dst}/kernel", "linear"), Rule(f"{src}.bias", f"{dst}/bias")]
 
@@ -107,22 +103,41 @@ def sam_rules(prefix: str = "") -> list[Rule]:
 
 
 def infer_config(state: dict, prefix: str = "", model_type: str = "auto"):
-    """SamConfig for a state dict: model type from the encoder width (or as given) and
-    ``use_compress_vit`` from the presence of ``mask_decoder.compress_vit.*`` keys."""
-    from m2sa_jax.models.sam import sam_config
+    """SamConfig for a state dict.
 
-    key = f"{prefix}image_encoder.patch_embed.proj.weight"
+    ``auto`` reads every size from the tensors (encoder width, depth, heads from the rel-pos
+    head dim, global blocks from the rel-pos table length, image size from pos_embed), so
+    narrowed test models convert too; the result is named vit_b/l/h when it is one of them.
+    ``use_compress_vit`` follows the presence of ``mask_decoder.compress_vit.*`` keys.
+    """
+    from m2sa_jax.models.sam import SAM_CONFIGS, SamConfig, sam_config
+
     fuse = any(k.startswith(f"{prefix}mask_decoder.compress_vit.") for k in state)
-    if model_type == "auto":
-        if key not in state:
-            raise ConversionError(f"cannot infer the SAM model type: {key} is missing "
-                                  f"(is the prefix {prefix!r} right?); pass --model-type")
-        width = int(np.shape(state[key])[0])
-        if width not in _TYPE_BY_WIDTH:
-            raise ConversionError(f"{key} has width {width}, not one of the SAM ViT-B/L/H widths "
-                                  f"{sorted(_TYPE_BY_WIDTH)}; pass --model-type")
-        model_type = _TYPE_BY_WIDTH[width]
-    return sam_config(model_type, use_compress_vit=fuse)
+    if model_type != "auto":
+        return sam_config(model_type, use_compress_vit=fuse)
+    ie = f"{prefix}image_encoder"
+    need = [f"{ie}.patch_embed.proj.weight", f"{ie}.pos_embed", f"{ie}.blocks.0.attn.rel_pos_h"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ConversionError(f"cannot infer the SAM config: {missing} missing (is the prefix "
+                              f"{prefix!r} right?); pass --model-type vit_b|vit_l|vit_h")
+    width, _, patch, _ = np.shape(state[need[0]])
+    grid = np.shape(state[need[1]])[1]
+    depth = 1 + max(int(k[len(ie) + 8:].split(".")[0]) for k in state
+                    if k.startswith(f"{ie}.blocks."))
+    head_dim = np.shape(state[need[2]])[1]
+    global_idx = tuple(i for i in range(depth)
+                       if np.shape(state[f"{ie}.blocks.{i}.attn.rel_pos_h"])[0] == 2 * grid - 1)
+    window = (np.shape(state[f"{ie}.blocks.{min(set(range(depth)) - set(global_idx), default=0)}"
+                             f".attn.rel_pos_h"])[0] + 1) // 2
+    cfg = SamConfig(model_type="custom", encoder_embed_dim=int(width), encoder_depth=depth,
+                    encoder_num_heads=int(width // head_dim), global_attn_indexes=global_idx,
+                    window_size=int(window), img_size=int(grid * patch), patch_size=int(patch),
+                    use_compress_vit=fuse)
+    for name, known in SAM_CONFIGS.items():
+        if known.replace(use_compress_vit=fuse) == cfg.replace(model_type=name):
+            return cfg.replace(model_type=name)
+    return cfg
 
 
 def convert_sam(state_iter: Iterable[tuple[str, np.ndarray]], config, *, prefix: str = "",
@@ -201,7 +216,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dst", required=True,
                    help="output directory (or, with --export, a .pth or .safetensors file)")
     p.add_argument("--model-type", default="auto", choices=["auto", "vit_b", "vit_l", "vit_h"],
-                   help="auto: inferred from the image encoder width")
+                   help="auto: every size read from the tensor shapes")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage dtype of the written parameters")
     p.add_argument("--prefix", default="",
