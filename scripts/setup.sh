@@ -15,3 +15,17 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -c requirements-lock.txt -e '.[test,convert,demo]'
   echo "$want" > "$stamp"
 fi
+
+# Test vocabulary (tests/llama_vocab.py): the real LLaMA SentencePiece vocabulary and its reference
+# tokenisations, taken from the llama-cpp-python 0.2.90 source distribution on PyPI into .cache/vocab/.
+vocab=.cache/vocab/ggml-vocab-llama-spm.gguf
+if [ ! -f "$vocab" ] || [ ! -f "$vocab.inp" ] || [ ! -f "$vocab.out" ]; then
+  mkdir -p .cache/sdist .cache/vocab
+  sdist=.cache/sdist/llama_cpp_python-0.2.90.tar.gz
+  [ -f "$sdist" ] || .venv/bin/python -m pip download -q --no-deps --no-binary :all: \
+    llama-cpp-python==0.2.90 -d .cache/sdist
+  member=llama_cpp_python-0.2.90/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf
+  tar -xzf "$sdist" -C .cache/vocab --strip-components=4 "$member" "$member.inp" "$member.out"
+  echo "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69  $vocab" | sha256sum -c --quiet
+  rm -f "$sdist"
+fi
