@@ -225,8 +225,9 @@ class _MemmapAllocator:
         os.makedirs(folder, exist_ok=True)
 
     def __call__(self, path: str, shape, dtype):
-        fname = os.path.join(self.folder, path.replace("/", "__") + ".npy")
-        return np.lib.format.open_memmap(fname, mode="w+", dtype=dtype, shape=tuple(shape))
+        # raw files (no .npy header): the .npy format cannot describe bfloat16
+        fname = os.path.join(self.folder, path.replace("/", "__") + ".raw")
+        return np.memmap(fname, mode="w+", dtype=dtype, shape=tuple(shape))
 
 
 def convert_folder(src: str, *, scan: bool = False, dtype=None, workdir: str | None = None):
@@ -296,9 +297,9 @@ def _reopen_readonly(tree):
         if isinstance(v, dict):
             out[k] = _reopen_readonly(v)
         elif isinstance(v, np.memmap) and v.filename:
-            fname = v.filename
+            fname, dtype, shape = v.filename, v.dtype, v.shape
             del v
-            out[k] = np.load(fname, mmap_mode="r")
+            out[k] = np.memmap(fname, mode="r", dtype=dtype, shape=shape)
         else:
             out[k] = v
     return out
