@@ -121,3 +121,14 @@ def reference_cases(path: str = GGUF_PATH) -> list[tuple[str, list[int]]]:
     with open(path + ".out", encoding="utf-8") as f:
         outputs = f.read().split("\n")
     return [(text, [int(x) for x in ids.split()]) for text, ids in zip(inputs, outputs)]
+
+
+_TOKENIZER_DIR: list[str] = []
+
+
+def shared_tokenizer_folder() -> str:
+    """One rebuilt tokenizer folder per test process (building it parses the GGUF file)."""
+    if not _TOKENIZER_DIR:
+        import tempfile
+        _TOKENIZER_DIR.append(write_checkpoint_tokenizer(tempfile.mkdtemp(prefix="llama_vocab_")))
+    return _TOKENIZER_DIR[0]
