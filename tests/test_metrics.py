@@ -99,6 +99,10 @@ def test_padding_is_ignored():
     unpadded.update("s", ib, ub, ["b"], ["object"])
     assert padded.result() == unpadded.result()
     assert padded.result()["s"]["all"]["masks"] == 3
+    direct = SegmentationMetrics()
+    direct.update_masks("s", pred, gt, ["a", "a", "b", "pad", "pad"], ["object"] * 5,
+                        valid=valid, sizes=padded_sizes)
+    assert direct.result() == padded.result()
 
 
 def test_ignore_region_excluded_from_both():

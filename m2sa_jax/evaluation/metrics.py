@@ -190,6 +190,13 @@ class SegmentationMetrics:
             ))
         done |= batch_records
 
+    def update_masks(self, split: str, pred, gt, record_ids: Sequence[str], kinds: Sequence[str],
+                     valid=None, sizes=None, ignore=None) -> None:
+        """:func:`mask_stats` on a padded batch of predictions, then :meth:`update`."""
+        stats = mask_stats(pred, gt, valid=valid, sizes=sizes, ignore=ignore)
+        self.update(split, stats["intersection"], stats["union"], record_ids, kinds,
+                    valid=stats["valid"])
+
     def done_records(self, split: str) -> frozenset[str]:
         return frozenset(self._done.get(split, ()))
 
