@@ -76,8 +76,16 @@ class TorchM2SA(nn.Module):
         self.select_layer = select_layer
 
     # The released checkpoints' keys are those of the LlamaForCausalLM with the extra modules.
+    # transformers ≥ 5 dropped the ``vision_model.`` level inside CLIPVisionModel; the released
+    # (transformers 4.31) checkpoints have it, so it is put back here.
     def state_dict(self, *args, **kwargs):
-        return self.llm.state_dict(*args, **kwargs)
+        tower = "model.vision_tower.vision_tower."
+        out = {}
+        for k, v in self.llm.state_dict(*args, **kwargs).items():
+            if k.startswith(tower) and not k.startswith(tower + "vision_model."):
+                k = tower + "vision_model." + k[len(tower):]
+            out[k] = v
+        return out
 
     @property
     def sam(self) -> Sam:

@@ -1,0 +1,206 @@
+"""M²SA: LLaVA and SAM joined by the [SEG] projector, one mask per [SEG] (SPEC §1).
+
+Parameters: ``llava`` (vision_tower, mm_projector, language_model), ``sam`` (image_encoder,
+prompt_encoder, mask_decoder — with ``compress_vit`` for M²SA, without for LISA) and
+``text_hidden_fcs`` (Linear d→d, ReLU, Linear d→256).
+
+Batches have static shapes. ``I`` images, ``Q`` questions (rows of ``input_ids``, each with one
+image placeholder; ``image_of_question`` [Q] says whose), and at most ``M`` targets: the [SEG]s
+of all questions, taken in row-major order (question, then position) exactly as the PyTorch
+code's ``last_hidden_state[seg_token_mask]``. Each image is encoded once by SAM and once by CLIP,
+however many questions refer to it, and all [SEG]s are decoded in one mask-decoder call.
+
+Masks come out at each image's original size inside a static ``[M, Hmax, Wmax]`` canvas
+(``original_sizes`` carried along; the rest of the canvas is 0 and masked in losses/metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2sa_jax.models import llava as llava_lib
+from m2sa_jax.models import sam as sam_lib
+from m2sa_jax.training import losses as losses_lib
+
+VARIANTS = ("m2sa", "lisa")
+
+
+@dataclasses.dataclass(frozen=True)
+class M2SAConfig:
+    llava: llava_lib.LlavaConfig
+    sam: sam_lib.SamConfig
+    seg_token_id: int
+    variant: str = "m2sa"          # "m2sa" fuses SAM's first global block; "lisa" does not
+    dtype: Any = jnp.float32       # compute dtype of the SAM half (the LLM has its own)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant {self.variant!r}: expected one of {VARIANTS}")
+        if self.sam.use_compress_vit != (self.variant == "m2sa"):
+            object.__setattr__(self, "sam",
+                               self.sam.replace(use_compress_vit=self.variant == "m2sa"))
+
+    @property
+    def out_dim(self) -> int:
+        return self.sam.prompt_embed_dim
+
+
+class TextHiddenFcs(nn.Module):
+    """The [SEG] projector: Linear d→d, ReLU, Linear d→out (dropout 0 in the public code)."""
+
+    hidden: int
+    out_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name="dense_0")(x)
+        x = nn.relu(x)
+        return nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                        name="dense_2")(x)
+
+
+def seg_slots(input_ids, seg_token_id: int, max_targets: int):
+    """Where the [SEG]s are: the position *before* each one, in row-major order.
+
+    Returns (question [M], text_position [M], valid [M], count scalar). Slots past ``count``
+    are padding (valid False). ``count > max_targets`` means targets were dropped: callers
+    check it (the batcher sizes M so that it never happens).
+    """
+    q, t = input_ids.shape
+    before_seg = jnp.concatenate(
+        [input_ids[:, 1:] == seg_token_id, jnp.zeros((q, 1), bool)], axis=1)  # [Q, T]
+    count = before_seg.sum()
+    flat = jnp.nonzero(before_seg.reshape(-1), size=max_targets, fill_value=0)[0]  # [M]
+    valid = jnp.arange(max_targets) < count
+    return flat // t, flat % t, valid, count
+
+
+class M2SA(nn.Module):
+    config: M2SAConfig
+
+    def setup(self):
+        cfg = self.config
+        self.llava = llava_lib.Llava(cfg.llava)
+        self.sam = sam_lib.Sam(cfg.sam, cfg.dtype)
+        self.text_hidden_fcs = TextHiddenFcs(cfg.llava.text.hidden_size, cfg.out_dim,
+                                             cfg.llava.text.dtype)
+
+    # --- pieces ---------------------------------------------------------------------------
+
+    def encode_images(self, images_sam, images_clip):
+        """Both encoders, once per image. images_sam [I, S, S, 3]; images_clip [I, 224, 224, 3]."""
+        enc = self.sam.encode_image(images_sam)
+        rows = self.llava.encode_images(images_clip)["image_rows"]  # [I, 256, d]
+        return dict(image_embeddings=enc["image_embeddings"],       # [I, 64, 64, 256]
+                    early_features=enc["early_features"],           # [I, 64, 64, C]
+                    image_rows=rows)
+
+    def language(self, input_ids, attention_mask, image_rows_per_question):
+        mm = self.llava.embed_multimodal(input_ids, attention_mask, image_rows_per_question)
+        out = self.llava.language_model(inputs_embeds=mm["inputs_embeds"],
+                                        attention_mask=mm["attention_mask"],
+                                        positions=mm["positions"])
+        return {**out, **mm}
+
+    def segment(self, seg_embeddings, seg_image, image_embeddings, early_features,
+                resized_sizes, original_sizes, mask_size):
+        """[SEG] embeddings [M, 256] → low-res [M, 256, 256] and full-size [M, Hmax, Wmax]."""
+        early = early_features if self.config.sam.use_compress_vit else None
+        dec = self.sam.decode(image_embeddings, text_embeds=seg_embeddings[:, None],
+                              multimask_output=False, early_features=early,
+                              image_index=seg_image)
+        low_res = dec["low_res_masks"][:, 0]                                 # [M, 256, 256]
+        img = self.config.sam.img_size
+        full = jax.vmap(lambda m, r, o: sam_lib.postprocess_masks_padded(
+            m, r, o, mask_size, img_size=img))(
+            low_res, resized_sizes[seg_image], original_sizes[seg_image])  # [M, Hmax, Wmax]
+        return low_res, full
+
+    # --- the teacher-forced forward (training and the paper's evaluation) -------------------
+
+    def __call__(self, images_sam, images_clip, input_ids, attention_mask, image_of_question,
+                 resized_sizes, original_sizes, *, max_targets: int, mask_size: tuple[int, int]):
+        """Teacher-forced forward.
+
+        Returns a dict: ``logits`` [Q, E, V] over the expanded sequence, ``seg_embeddings``
+        [M, 256], ``seg_valid`` [M], ``seg_question`` [M], ``seg_image`` [M], ``seg_count``,
+        ``low_res_masks`` [M, 256, 256], ``mask_logits`` [M, Hmax, Wmax] and the encoders'
+        intermediates (``image_embeddings``, ``early_features``).
+        """
+        enc = self.encode_images(images_sam, images_clip)
+        lm = self.language(input_ids, attention_mask, enc["image_rows"][image_of_question])
+        seg_q, seg_t, seg_valid, seg_count = seg_slots(
+            input_ids, self.config.seg_token_id, max_targets)
+        pos = lm["text_to_expanded"][seg_q, seg_t]                          # [M]
+        hidden = lm["last_hidden_state"][seg_q, pos]                         # [M, d]
+        seg_embeddings = self.text_hidden_fcs(hidden).astype(jnp.float32)   # [M, 256]
+        seg_image = image_of_question[seg_q]
+        low_res, full = self.segment(seg_embeddings, seg_image, enc["image_embeddings"],
+                                     enc["early_features"], resized_sizes, original_sizes,
+                                     mask_size)
+        return dict(logits=lm["logits"], last_hidden_state=lm["last_hidden_state"],
+                    text_to_expanded=lm["text_to_expanded"],
+                    seg_embeddings=seg_embeddings, seg_valid=seg_valid, seg_question=seg_q,
+                    seg_image=seg_image, seg_count=seg_count, low_res_masks=low_res,
+                    mask_logits=full, image_embeddings=enc["image_embeddings"],
+                    early_features=enc["early_features"])
+
+
+def expand_labels(labels, text_to_expanded, expanded_len: int):
+    """Text labels [Q, T] → labels of the expanded sequence [Q, E] (image rows are -100)."""
+    q = labels.shape[0]
+    out = jnp.full((q, expanded_len), losses_lib.IGNORE_INDEX, labels.dtype)
+    rows = jnp.arange(q)[:, None]
+    return out.at[rows, text_to_expanded].set(labels)
+
+
+def pixel_valid_mask(original_sizes, seg_image, mask_size):
+    """[M, Hmax, Wmax] bool: inside the original image of each target."""
+    hw = original_sizes[seg_image]                                          # [M, 2]
+    ys = jnp.arange(mask_size[0])[None, :, None] < hw[:, 0, None, None]
+    xs = jnp.arange(mask_size[1])[None, None, :] < hw[:, 1, None, None]
+    return ys & xs
+
+
+def compute_losses(outputs, labels, gt_masks, gt_valid, original_sizes, num_images: int, *,
+                   ce_weight: float, bce_weight: float, dice_weight: float):
+    """SPEC §4 losses from the forward's outputs. gt_masks [M, Hmax, Wmax] in slot order;
+    gt_valid [M] marks real targets (must agree with ``seg_valid``)."""
+    mask_size = gt_masks.shape[1:]
+    exp_labels = expand_labels(labels, outputs["text_to_expanded"], outputs["logits"].shape[1])
+    valid = gt_valid & outputs["seg_valid"]
+    pv = pixel_valid_mask(original_sizes, outputs["seg_image"], mask_size)
+    return losses_lib.m2sa_loss(
+        outputs["logits"], exp_labels, outputs["mask_logits"], gt_masks, valid, pv,
+        outputs["seg_image"], num_images, ce_weight=ce_weight, bce_weight=bce_weight,
+        dice_weight=dice_weight)
+
+
+def abstract_params(config: M2SAConfig) -> dict:
+    """The full parameter tree's shapes (``jax.eval_shape``), as a checkpoint holds it."""
+    llava_shapes = llava_lib.param_shapes(config.llava)
+    sam_shapes = sam_lib.abstract_params(config.sam)
+    d, out = config.llava.text.hidden_size, config.out_dim
+    fcs = jax.eval_shape(lambda: TextHiddenFcs(d, out).init(
+        jax.random.key(0), jnp.zeros((1, d))))["params"]
+    return {"llava": llava_shapes, "sam": sam_shapes, "text_hidden_fcs": fcs}
+
+
+def init_params(config: M2SAConfig, seed: int = 0) -> dict:
+    """Random parameters for every leaf of :func:`abstract_params` (tests, demos, fresh runs)."""
+    shapes = abstract_params(config)
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    vals = [jax.random.normal(k, s.shape, jnp.float32) * 0.02 for k, s in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, vals)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -1,0 +1,174 @@
+"""The full M²SA forward against a PyTorch composition of the upstream modules (SPEC §1, §4).
+
+A tiny LLaMA + tiny CLIP + a narrow SAM with the real ViT-H block structure (depth 32, global
+attention at 7/15/23/31, 1024×1024 input) are written as a LISA/M²SA checkpoint folder (sharded
+safetensors with an index, the released key layout), converted through the CLI, and run on one
+real photograph with two questions carrying 2 and 3 [SEG]s. Float32, highest matmul precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig
+
+from checkpoints_convert.__main__ import main as convert_main
+from checkpoints_convert.m2sa import meta_to_config
+from m2sa_jax.data.preprocess import clip_preprocess, sam_preprocess
+from m2sa_jax.models.m2sa import M2SA, compute_losses
+from m2sa_jax.params_io import load_meta, load_params
+from m2sa_helpers import make_tokenizer_files, write_sharded_safetensors
+from torch_m2sa_reference import (IMAGE_TOKEN_INDEX, TorchM2SA, build_sam,
+                                        mask_loss_terms)
+
+SP_VOCAB = 400          # SentencePiece pieces of the test tokenizer; [SEG] etc. follow
+
+
+def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05):
+    """Normal init everywhere (upstream zero-inits pos_embed / rel_pos; we want them live)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name and name.endswith("weight") or "layernorm" in name.lower() and \
+                    name.endswith("weight") or name.endswith("ln.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module", params=["m2sa", "lisa"])
+def setup(request, tmp_path_factory):
+    variant = request.param
+    tmp = tmp_path_factory.mktemp(f"{variant}_ckpt")
+    src, dst = tmp / "hf", tmp / "converted"
+    src.mkdir()
+    seg_id = make_tokenizer_files(str(src), SP_VOCAB)
+    vocab = SP_VOCAB + 3
+    llama_cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                            rms_norm_eps=1e-6, max_position_embeddings=1024,
+                            attn_implementation="eager")
+    clip_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=2, image_size=224, patch_size=14,
+                                hidden_act="quick_gelu", attn_implementation="eager")
+    sam = build_sam(embed_dim=32, depth=32, num_heads=2, global_attn_indexes=(7, 15, 23, 31),
+                    use_compress_vit=variant == "m2sa")
+    ref = TorchM2SA(llama_cfg, clip_cfg, sam, seg_token_id=seg_id, num_image_rows=256)
+    _randomize(ref, seed=0)
+    ref.eval()
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    write_sharded_safetensors(state, str(src), num_shards=3)
+    hf_config = dict(llama_cfg.to_dict(), architectures=["LISAForCausalLM"],
+                     mm_vision_tower="tiny-clip", vision_config=clip_cfg.to_dict(),
+                     mm_use_im_start_end=True, mm_vision_select_layer=-2, out_dim=256)
+    hf_config.pop("attn_implementation", None)
+    (src / "config.json").write_text(json.dumps(hf_config, default=str))
+    assert convert_main(["m2sa", "--src", str(src), "--dst", str(dst)]) == 0
+    meta = load_meta(str(dst))
+    config = meta_to_config(meta)
+    params = load_params(str(dst))
+    return dict(variant=variant, ref=ref, config=config, params=params, seg_id=seg_id,
+                src=src, dst=dst, state=state)
+
+
+def _inputs(seg_id, rng):
+    """One image, two questions with 2 and 3 [SEG]s (right-padded)."""
+    from skimage import data
+
+    image = data.astronaut()[::2, ::3]                                   # 256×171, not square
+    body = lambda n: list(rng.integers(3, SP_VOCAB, n))
+    q0 = [1] + body(4) + [IMAGE_TOKEN_INDEX] + body(6) + body(2) + [seg_id] + body(3) + \
+        [seg_id] + body(1) + [2]
+    q1 = [1] + body(4) + [IMAGE_TOKEN_INDEX] + body(3) + [seg_id] + body(2) + [seg_id] + \
+        body(2) + [seg_id] + body(2) + [2]
+    t = max(len(q0), len(q1))
+    ids = np.zeros((2, t), np.int64)
+    am = np.zeros((2, t), np.int64)
+    for i, q in enumerate((q0, q1)):
+        ids[i, :len(q)] = q
+        am[i, :len(q)] = 1
+    labels = np.where(am == 1, ids, -100)
+    labels[:, :9] = -100                                  # the "instruction" part is unsupervised
+    labels[ids == IMAGE_TOKEN_INDEX] = -100
+    return image, ids, am, labels
+
+
+def test_m2sa_forward_matches_pytorch(setup):
+    ref, config, params, seg_id = setup["ref"], setup["config"], setup["params"], setup["seg_id"]
+    rng = np.random.default_rng(1)
+    image, ids, am, labels = _inputs(seg_id, rng)
+    sam_in, resized, original = sam_preprocess(image)
+    clip_in = clip_preprocess(image)
+    h, w = original
+    gt = (rng.random((5, h, w)) < 0.3).astype(np.float32)
+
+    with torch.no_grad():
+        r = ref(torch.from_numpy(sam_in).permute(2, 0, 1)[None],
+                torch.from_numpy(clip_in).permute(2, 0, 1)[None],
+                torch.from_numpy(ids), torch.from_numpy(am), torch.tensor([0, 0]),
+                [resized], [original], labels=torch.from_numpy(labels))
+        ref_bce, ref_dice = mask_loss_terms(r["mask_logits"], [torch.from_numpy(gt)])
+
+    max_targets, mask_size = 6, (h + 7, w + 5)              # padding in both: proves masking
+    model = M2SA(config)
+    fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a, max_targets=max_targets,
+                                            mask_size=mask_size))
+    out = fwd(params, sam_in[None], clip_in[None], ids.astype(np.int32), am.astype(bool),
+              np.array([0, 0], np.int32), np.array([resized], np.int32),
+              np.array([original], np.int32))
+    assert int(out["seg_count"]) == 5
+    np.testing.assert_array_equal(np.asarray(out["seg_valid"]), [1, 1, 1, 1, 1, 0])
+
+    # Logits over the expanded sequence, real positions only.
+    n_extra = 255
+    exp_mask = np.concatenate([np.ones((2, n_extra), bool), am.astype(bool)], 1)
+    err_logits = np.abs(np.asarray(out["logits"]) - r["logits"].numpy())[exp_mask].max()
+    err_seg = np.abs(np.asarray(out["seg_embeddings"])[:5] - r["seg_embeddings"].numpy()).max()
+    err_early = np.abs(np.asarray(out["early_features"]) - r["early_features"].numpy()).max()
+    ref_masks = r["mask_logits"][0].numpy()                               # [5, h, w]
+    ours = np.asarray(out["mask_logits"])
+    err_masks = np.abs(ours[:5, :h, :w] - ref_masks).max()
+    print(f"\n[{setup['variant']}] max abs err: logits {err_logits:.2e}, seg_embeddings "
+          f"{err_seg:.2e}, early features {err_early:.2e}, mask logits {err_masks:.2e}")
+    assert err_logits <= 1e-4
+    assert err_seg <= 1e-4
+    assert err_masks <= 1e-3
+    assert np.all(ours[:, h:, :] == 0) and np.all(ours[:, :, w:] == 0)
+
+    gt_pad = np.zeros((max_targets,) + mask_size, np.float32)
+    gt_pad[:5, :h, :w] = gt
+    _, terms = compute_losses(out, labels.astype(np.int32), gt_pad,
+                              np.arange(max_targets) < 5, np.array([original], np.int32),
+                              num_images=1, ce_weight=1.0, bce_weight=1.0, dice_weight=1.0)
+    for name, want in (("ce", r["ce"].item()), ("bce", ref_bce.item()),
+                       ("dice", ref_dice.item())):
+        got = float(terms[name])
+        rel = abs(got - want) / abs(want)
+        print(f"[{setup['variant']}] {name}: jax {got:.8f} torch {want:.8f} rel err {rel:.2e}")
+        assert rel <= 1e-5, name
+
+
+def test_export_round_trip_is_bit_identical(setup, tmp_path):
+    back = tmp_path / "back"
+    assert convert_main(["m2sa", "--export", "--src", str(setup["dst"]), "--dst", str(back)]) == 0
+    from checkpoints_convert.io import iter_checkpoint
+
+    exported = dict(iter_checkpoint(str(back)))
+    original = {k: v.numpy() for k, v in setup["state"].items()}
+    assert sorted(exported) == sorted(original)
+    for k, v in original.items():
+        assert exported[k].dtype == v.dtype and np.array_equal(exported[k], v), k
+    assert os.path.isfile(back / "tokenizer.model")
+    assert json.loads((back / "config.json").read_text())["architectures"] == ["LISAForCausalLM"]
+    # and the exported folder converts again
+    again = tmp_path / "again"
+    assert convert_main(["m2sa", "--src", str(back), "--dst", str(again)]) == 0
+    meta = load_meta(str(again))
+    assert meta["variant"] == setup["variant"]
+    assert meta["seg_token_id"] == setup["seg_id"]
