@@ -1,15 +1,17 @@
 """Deterministic, resumable, host-sharded loading on top of any random-access source.
 
-Built on grain's ``DataLoader``: a seeded ``IndexSampler`` fixes the order of record
-indices for every epoch, ``ShardOptions`` gives each host (``jax.process_index()`` of
-``jax.process_count()`` by default) a disjoint slice of the indices, so every record is
-seen on exactly one host per epoch, and decoding runs in ``worker_count`` worker processes
-(0: in this process, with ``read_threads`` threads reading the source).
+Built on grain's ``DataLoader``. Each host (``jax.process_index()`` of
+``jax.process_count()`` by default) owns the records ``host, host + hosts, …`` (a
+:class:`HostShard`), so every record is seen on exactly one host per epoch; a seeded
+``IndexSampler`` shuffles the host's share anew each epoch; decoding runs in
+``worker_count`` worker processes (0: in this process, with ``read_threads`` threads
+reading the source).
 
 Resuming: ``iterator.get_state()`` is a small JSON byte string (grain's sampler position
 plus the skip counts) to store next to the training checkpoint; a fresh loader built with
 the same arguments and given that state with ``set_state`` continues exactly where the old
-one stopped.
+one stopped. The state names the worker count, the sampler and the source, so restore
+with the same ``worker_count``, seed, epochs, shard and source (grain refuses otherwise).
 
 Bad records: a ``BadRecord`` raised by the source or the transform does not crash the
 loader; the record is skipped and counted by reason (``iterator.skipped``).
@@ -56,10 +58,7 @@ class _Guarded(RandomAccessSource):
             return Skipped(e.reason, str(e))
 
     def __repr__(self) -> str:
-        # grain checks this string when restoring a state: it must not contain an address.
-        kind = type(self.source)
-        own = kind.__repr__ is not object.__repr__
-        return f"Guarded({self.source!r})" if own else f"Guarded({kind.__module__}.{kind.__qualname__}, n={len(self)})"
+        return f"Guarded({_describe(self.source)})"
 
 
 class _GuardedMap(grain.transforms.Map):
@@ -75,14 +74,54 @@ class _GuardedMap(grain.transforms.Map):
             return Skipped(e.reason, str(e))
 
 
-def shard_options(shard_index: int | None = None, shard_count: int | None = None,
-                  drop_remainder: bool = False) -> grain.sharding.ShardOptions:
-    """This host's shard: explicit, or ``jax.process_index()`` / ``jax.process_count()``."""
+class HostShard(RandomAccessSource):
+    """Records ``shard_index, shard_index + shard_count, …`` of ``source``: this host's share.
+
+    Strided, so the shares of all hosts partition the records and differ in size by at most
+    one (grain's own contiguous sharding loses a record when the count does not divide).
+    """
+
+    def __init__(self, source: RandomAccessSource, shard_index: int, shard_count: int):
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index {shard_index} / shard_count {shard_count}: need 0 ≤ index < count")
+        if len(source) < shard_count:
+            raise ValueError(f"{len(source)} records cannot feed {shard_count} hosts; use a larger source")
+        self.source, self.shard_index, self.shard_count = source, shard_index, shard_count
+
+    def __len__(self) -> int:
+        return (len(self.source) - self.shard_index + self.shard_count - 1) // self.shard_count
+
+    def __getitem__(self, index: int):
+        return self.source[self.shard_index + index * self.shard_count]
+
+    def __repr__(self) -> str:
+        return f"HostShard({_describe(self.source)}, {self.shard_index}/{self.shard_count})"
+
+
+def _describe(source) -> str:
+    # grain compares this string when restoring a state: it must not contain an address.
+    kind = type(source)
+    if kind.__repr__ is not object.__repr__:
+        return repr(source)
+    return f"{kind.__module__}.{kind.__qualname__}(n={len(source)})"
+
+
+def _host(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     if shard_index is None and shard_count is None:
-        return grain.sharding.ShardByJaxProcess(drop_remainder=drop_remainder)
-    if shard_index is None or shard_count is None or not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} / shard_count {shard_count}: give both, with 0 ≤ index < count")
-    return grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=drop_remainder)
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    if shard_index is None or shard_count is None:
+        raise ValueError("give both shard_index and shard_count, or neither (then jax's process index/count)")
+    return shard_index, shard_count
+
+
+def _allow_worker_processes() -> None:
+    # grain's worker processes read absl flags; outside an absl app they are unparsed.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 class Loader:
@@ -90,15 +129,16 @@ class Loader:
 
     def __init__(self, source: RandomAccessSource, *, seed: int, transform: Callable[[Any], Any] | None = None,
                  shuffle: bool = True, num_epochs: int | None = 1, shard_index: int | None = None,
-                 shard_count: int | None = None, drop_remainder: bool = False, worker_count: int = 0,
-                 worker_buffer_size: int = 2, read_threads: int = 4, prefetch: int = 16):
-        self.source = source
-        options = shard_options(shard_index, shard_count, drop_remainder)
-        sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=options,
-                                              shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+                 shard_count: int | None = None, worker_count: int = 0, worker_buffer_size: int = 2,
+                 read_threads: int = 4, prefetch: int = 16):
+        self.shard = HostShard(source, *_host(shard_index, shard_count))
+        sampler = grain.samplers.IndexSampler(num_records=len(self.shard), shuffle=shuffle,
+                                              num_epochs=num_epochs, seed=seed)
         operations = [_GuardedMap(transform)] if transform is not None else []
+        if worker_count > 0:
+            _allow_worker_processes()
         self._loader = grain.DataLoader(
-            data_source=_Guarded(source), sampler=sampler, operations=operations,
+            data_source=_Guarded(self.shard), sampler=sampler, operations=operations,
             worker_count=worker_count, worker_buffer_size=worker_buffer_size,
             read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
 
