@@ -80,3 +80,61 @@ def test_config_errors_name_the_problem():
         MixedSource({"a": [CountingSource("a", 1)]}, {"b": 1}, seed=0, draws_per_epoch=1)
     with pytest.raises(ValueError, match="empty"):
         MixedSource({"a": [CountingSource("a", 0)]}, {"a": 1}, seed=0, draws_per_epoch=1)
+
+
+def test_training_mixture_from_dataset_root(tmp_path):
+    """All four groups opened from one root in the documented layout, drawn 2:9:2:6."""
+    import json
+    import os
+    import pickle
+
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from m2sa_jax.data.mixed import training_mixture
+
+    root = tmp_path
+    h, w = 8, 12
+
+    def put(path, data=None, image=None):
+        path = root / path
+        os.makedirs(path.parent, exist_ok=True)
+        if image is not None:
+            Image.fromarray(image).save(path)
+        else:
+            path.write_text(json.dumps(data)) if not isinstance(data, bytes) else path.write_bytes(data)
+
+    rgb = np.zeros((h, w, 3), np.uint8)
+    put("ade20k/images/training/a.jpg", image=rgb)
+    put("ade20k/annotations/training/a.png", image=np.full((h, w), 3, np.uint8))
+    polygon = [[0.0, 0.0, 6.0, 0.0, 6.0, 6.0, 0.0, 6.0]]
+    put("refer_seg/refcoco/instances.json", {
+        "images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": h, "width": w}],
+        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "segmentation": polygon}],
+        "categories": [{"id": 1, "name": "person"}]})
+    put("refer_seg/refcoco/refs(unc).p", pickle.dumps([{
+        "ref_id": 0, "ann_id": 5, "image_id": 1, "split": "train", "category_id": 1,
+        "sentences": [{"sent": "the person", "sent_id": 0, "tokens": ["the", "person"]}]}], protocol=2))
+    put("llava_dataset/llava_instruct_150k.json", [{"id": "1", "image": "1.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A test."}]}])
+    rle = mask_utils.encode(np.asfortranarray(np.ones((h, w), np.uint8)))
+    put("refer_seg/images/mscoco/images/train2014/x.jpg", image=rgb)
+    put("MMR/MMR_train.json", [{
+        "file_name": "train2014/x.jpg", "height": h, "width": w, "image_id": 9,
+        "not_exhaustive_category_ids": [], "neg_category_ids": [], "coco_url": "",
+        "questions": ["What holds the coffee?"],
+        "answers": [[{"bbox": [0, 0, w, h], "segmentation": {"size": [h, w], "counts": rle["counts"].decode()},
+                      "image_id": 9, "category_name": "mug", "category_id": 1, "sorted_category_id": 1}]],
+        "text_answers": ["The mug {seg}."], "raw_answers": ["The mug."]}])
+
+    mix = training_mixture(str(root), seed=0, draws_per_epoch=600, sem_seg=("ade20k",), refer_seg=("refcoco",))
+    samples = [mix[i] for i in range(len(mix))]
+    by_group = {g: [s for s in samples if s.extra["group"] == g] for g in PAPER_RATIOS}
+    assert {s.source for s in samples} == {"ade20k", "refcoco", "vqa", "mmr"}
+    assert len(by_group["refer_seg"]) > len(by_group["mmr"]) > len(by_group["vqa"])
+    ade, ref, vqa, mmr = (by_group[g][0] for g in ("sem_seg", "refer_seg", "vqa", "mmr"))
+    assert [m.label for ms in ade.masks for m in ms] == ["sky"]  # stored 3 → class 2
+    assert ref.masks[0][0].decode().sum() == mask_utils.area(mask_utils.frPyObjects(polygon, h, w))[0]
+    assert vqa.answers == ["A test."] and vqa.masks == [[]]
+    assert mmr.answers == ["The mug [SEG]."] and mmr.masks[0][0].decode().all()
+    assert "What holds the coffee?" in mmr.questions[0]

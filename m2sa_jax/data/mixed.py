@@ -88,3 +88,36 @@ class MixedSource:
             sample.extra["draw"] = int(index)
             return sample
         raise BadRecord("retries_exhausted", f"mixture draw {index}: {self.max_retries + 1} bad records in a row; last: {last}")
+
+
+def training_mixture(root: str, *, seed: int, draws_per_epoch: int, ratios: Mapping[str, float] = PAPER_RATIOS,
+                     sem_seg: Sequence[str] | None = None, refer_seg: Sequence[str] | None = None,
+                     vqa_data: str = "llava_instruct_150k", mmr_json: str | None = None,
+                     mmr_image_root: str | None = None, max_questions: int = 3, max_per_question: int = 3,
+                     released_pairing: bool = False, skips=None) -> MixedSource:
+    """The M²SA training mix from one dataset root laid out as docs/datasets.md says.
+
+    Groups with ratio 0 are not opened. MMR defaults to ``root/MMR/MMR_train.json`` with
+    images under ``root/refer_seg/images/mscoco/images`` (the public code's paths).
+    """
+    from m2sa_jax.data.mmr import MMRDataset
+    from m2sa_jax.data.sources.refer_seg import DEFAULT_REFER_SEG, refer_seg_sources
+    from m2sa_jax.data.sources.sem_seg import DEFAULT_SEM_SEG, sem_seg_sources
+    from m2sa_jax.data.sources.vqa import VQASource
+
+    per_image = dict(max_questions=max_questions, max_per_question=max_per_question)
+    builders = {
+        "sem_seg": lambda: sem_seg_sources(root, sem_seg or DEFAULT_SEM_SEG, **per_image),
+        "refer_seg": lambda: refer_seg_sources(root, refer_seg or DEFAULT_REFER_SEG, **per_image),
+        "vqa": lambda: [VQASource(root, vqa_data)],
+        "mmr": lambda: [MMRDataset(mmr_json or f"{root}/MMR/MMR_train.json",
+                                   mmr_image_root or f"{root}/refer_seg/images/mscoco/images",
+                                   max_questions=max_questions, prompt="train",
+                                   released_pairing=released_pairing, skips=skips)],
+    }
+    unknown = sorted(set(ratios) - set(builders))
+    if unknown:
+        raise ValueError(f"unknown mixture groups {unknown}; choose from {sorted(builders)}")
+    active = {name: r for name, r in ratios.items() if r > 0}
+    return MixedSource({name: builders[name]() for name in active}, active, seed=seed,
+                       draws_per_epoch=draws_per_epoch)
