@@ -64,6 +64,10 @@ def _load(folder, scan=False, **overrides):
     return params, dataclasses.replace(config, scan_layers=scan, **overrides)
 
 
+def _jit_apply(config):
+    return jax.jit(llama.LlamaForCausalLM(config).apply, static_argnames=("return_all_hidden",))
+
+
 def _hf_logits(model, ids, mask=None):
     with torch.no_grad():
         kw = {} if mask is None else dict(attention_mask=torch.tensor(mask, dtype=torch.long))
@@ -77,7 +81,7 @@ def test_logits_match_transformers(checkpoints, name):
     ref = _hf_logits(hf, ids)
     for scan in (False, True):
         params, config = _load(folder, scan)
-        out = llama.LlamaForCausalLM(config).apply({"params": params}, jnp.asarray(ids))
+        out = _jit_apply(config)({"params": params}, jnp.asarray(ids))
         err = np.abs(np.asarray(out["logits"]) - ref).max()
         print(f"{name} scan={scan}: logits max abs error {err:.2e}")
         assert err <= 1e-4
@@ -90,7 +94,7 @@ def test_scanned_and_unrolled_agree(checkpoints):
     for scan, remat in ((False, "none"), (True, "none"), (True, "nothing_saveable"),
                         (False, "dots_saveable")):
         params, config = _load(folder, scan, remat_policy=remat)
-        outs.append(np.asarray(llama.LlamaForCausalLM(config).apply(
+        outs.append(np.asarray(_jit_apply(config)(
             {"params": params}, ids, return_all_hidden=True)["logits"]))
     for o in outs[1:]:
         err = np.abs(o - outs[0]).max()
@@ -104,8 +108,7 @@ def test_hidden_states_match_transformers(checkpoints):
     with torch.no_grad():
         ref = hf(torch.tensor(ids), output_hidden_states=True).hidden_states
     params, config = _load(folder, scan=True)
-    out = llama.LlamaForCausalLM(config).apply({"params": params}, jnp.asarray(ids),
-                                               return_all_hidden=True)
+    out = _jit_apply(config)({"params": params}, jnp.asarray(ids), return_all_hidden=True)
     assert len(out["hidden_states"]) == len(ref) == config.num_hidden_layers + 1
     for ours, theirs in zip(out["hidden_states"], ref):
         assert np.abs(np.asarray(ours) - theirs.numpy()).max() <= 1e-5
@@ -117,7 +120,7 @@ def test_padded_batch_equals_rows(checkpoints):
     """Left- and right-padded rows give the logits of the unpadded row at the real tokens."""
     folder, hf = checkpoints["gqa_safetensors"]
     params, config = _load(folder)
-    model = llama.LlamaForCausalLM(config)
+    apply = _jit_apply(config)
     rs = np.random.RandomState(3)
     a, b = rs.randint(0, VOCAB, 11), rs.randint(0, VOCAB, 6)
     ids = np.zeros((3, 11), np.int32)
@@ -125,10 +128,10 @@ def test_padded_batch_equals_rows(checkpoints):
     ids[0], mask[0] = a, True
     ids[1, 5:], mask[1, 5:] = b, True  # left padded
     ids[2, :6], mask[2, :6] = b, True  # right padded
-    out = np.asarray(model.apply({"params": params}, jnp.asarray(ids),
-                                 attention_mask=jnp.asarray(mask))["logits"])
-    alone_a = np.asarray(model.apply({"params": params}, jnp.asarray(a[None]))["logits"])[0]
-    alone_b = np.asarray(model.apply({"params": params}, jnp.asarray(b[None]))["logits"])[0]
+    out = np.asarray(apply({"params": params}, jnp.asarray(ids),
+                           attention_mask=jnp.asarray(mask))["logits"])
+    alone_a = np.asarray(apply({"params": params}, jnp.asarray(a[None]))["logits"])[0]
+    alone_b = np.asarray(apply({"params": params}, jnp.asarray(b[None]))["logits"])[0]
     assert np.abs(out[0] - alone_a).max() <= 1e-5
     assert np.abs(out[1, 5:] - alone_b).max() <= 1e-5
     assert np.abs(out[2, :6] - alone_b).max() <= 1e-5
@@ -144,15 +147,15 @@ def test_cached_decoding_equals_uncached_forward(checkpoints):
     for scan in (False, True):
         folder, _ = checkpoints["gqa_safetensors"]
         params, config = _load(folder, scan)
-        model = llama.LlamaForCausalLM(config)
+        apply = _jit_apply(config)
         ids = np.random.RandomState(4).randint(0, VOCAB, (2, 12))
-        full = np.asarray(model.apply({"params": params}, jnp.asarray(ids))["logits"])
+        full = np.asarray(apply({"params": params}, jnp.asarray(ids))["logits"])
         cache = llama.init_cache(config, 2, 16)
-        out = model.apply({"params": params}, jnp.asarray(ids[:, :7]), cache=cache)
+        out = apply({"params": params}, jnp.asarray(ids[:, :7]), cache=cache)
         steps = [np.asarray(out["logits"])]
         cache = out["cache"]
         for t in range(7, 12):
-            out = model.apply({"params": params}, jnp.asarray(ids[:, t:t + 1]), cache=cache)
+            out = apply({"params": params}, jnp.asarray(ids[:, t:t + 1]), cache=cache)
             cache = out["cache"]
             steps.append(np.asarray(out["logits"]))
         err = np.abs(np.concatenate(steps, axis=1) - full).max()
@@ -181,11 +184,10 @@ def test_bfloat16_compute_close_to_float32(checkpoints):
     folder, _ = checkpoints["gqa_safetensors"]
     params, config = _load(folder)
     ids = jnp.asarray(np.random.RandomState(5).randint(0, VOCAB, (2, 16)))
-    f32 = np.asarray(llama.LlamaForCausalLM(config).apply({"params": params}, ids)["logits"])
+    f32 = np.asarray(_jit_apply(config)({"params": params}, ids)["logits"])
     p16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
     c16 = dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    b16 = np.asarray(llama.LlamaForCausalLM(c16).apply({"params": p16}, ids)["logits"],
-                     np.float32)
+    b16 = np.asarray(_jit_apply(c16)({"params": p16}, ids)["logits"], np.float32)
     scale = np.abs(f32).max()
     err = np.abs(b16 - f32).max()
     agree = (b16.argmax(-1) == f32.argmax(-1)).mean()
