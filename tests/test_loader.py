@@ -6,6 +6,7 @@ import pytest
 
 from m2sa_jax.data.loader import Loader
 from m2sa_jax.data.mixed import MixedSource
+from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import BadRecord, Sample
 
 N = 50
@@ -80,11 +81,17 @@ def test_two_hosts_cover_every_record_once():
 
 
 def test_bad_records_skipped_and_counted():
-    it = iter(Loader(Records(bad={0, 5}), seed=3, transform=decode))
+    skips = SkipCounter()
+    it = iter(Loader(Records(bad={0, 5}), seed=3, transform=decode, skips=skips))
     out = _indices(it)
     assert len(out) == N - 3
     assert it.skipped == {"corrupt": 2, "undecodable": 1}
-    assert "records[" in it.last_skip_message or "record 13" in it.last_skip_message
+    assert dict(skips.counts) == {"corrupt": 2, "undecodable": 1}
+    assert sorted(rid for rid, _ in skips.examples["corrupt"]) == ["record 0", "record 5"]
+    assert skips.examples["undecodable"] == [("record 13", "record 13: cannot be decoded")]
+    host1 = SkipCounter()
+    list(Loader(Records(bad={0, 5}), seed=3, shard_index=1, shard_count=2, skips=host1))
+    assert host1.examples["corrupt"][0][0] == "record 5"  # named by its index in the whole source
 
 
 def test_worker_processes_match_in_process_and_resume():

@@ -14,7 +14,8 @@ one stopped. The state names the worker count, the sampler and the source, so re
 with the same ``worker_count``, seed, epochs, shard and source (grain refuses otherwise).
 
 Bad records: a ``BadRecord`` raised by the source or the transform does not crash the
-loader; the record is skipped and counted by reason (``iterator.skipped``).
+loader; the record is skipped and counted by reason (``iterator.skipped``, part of the state)
+and reported to the data package's :class:`~m2sa_jax.data.skips.SkipCounter` when one is given.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import grain
 
+from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import BadRecord
 
 
@@ -36,42 +38,36 @@ class RandomAccessSource(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
-    """Stands in for a bad record on its way back from a worker."""
+    """Stands in for a bad record on its way back from a reader thread or worker process."""
 
     reason: str
+    record: str
     message: str
 
 
 class _Guarded(RandomAccessSource):
-    """Source whose bad records come back as :class:`Skipped` instead of raising."""
+    """``transform(source[i])``, with bad records returned as :class:`Skipped` instead of raised.
 
-    def __init__(self, source: RandomAccessSource):
-        self.source = source
+    Reading and transforming both happen here, so they run where grain reads records: in its
+    read threads (``worker_count=0``) or in its worker processes.
+    """
+
+    def __init__(self, source: RandomAccessSource, transform: Callable[[Any], Any] | None):
+        self.source, self.transform = source, transform
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int):
         try:
-            return self.source[index]
+            element = self.source[index]
+            return self.transform(element) if self.transform is not None else element
         except BadRecord as e:
-            return Skipped(e.reason, str(e))
+            where = self.source.global_index(index) if isinstance(self.source, HostShard) else index
+            return Skipped(e.reason, f"record {where}", str(e))
 
     def __repr__(self) -> str:
         return f"Guarded({_describe(self.source)})"
-
-
-class _GuardedMap(grain.transforms.Map):
-    def __init__(self, fn: Callable[[Any], Any]):
-        self.fn = fn
-
-    def map(self, element):
-        if isinstance(element, Skipped):
-            return element
-        try:
-            return self.fn(element)
-        except BadRecord as e:
-            return Skipped(e.reason, str(e))
 
 
 class HostShard(RandomAccessSource):
@@ -91,8 +87,11 @@ class HostShard(RandomAccessSource):
     def __len__(self) -> int:
         return (len(self.source) - self.shard_index + self.shard_count - 1) // self.shard_count
 
+    def global_index(self, index: int) -> int:
+        return self.shard_index + index * self.shard_count
+
     def __getitem__(self, index: int):
-        return self.source[self.shard_index + index * self.shard_count]
+        return self.source[self.global_index(index)]
 
     def __repr__(self) -> str:
         return f"HostShard({_describe(self.source)}, {self.shard_index}/{self.shard_count})"
@@ -130,25 +129,26 @@ class Loader:
     def __init__(self, source: RandomAccessSource, *, seed: int, transform: Callable[[Any], Any] | None = None,
                  shuffle: bool = True, num_epochs: int | None = 1, shard_index: int | None = None,
                  shard_count: int | None = None, worker_count: int = 0, worker_buffer_size: int = 2,
-                 read_threads: int = 4, prefetch: int = 16):
+                 read_threads: int = 4, prefetch: int = 16, skips: SkipCounter | None = None):
         self.shard = HostShard(source, *_host(shard_index, shard_count))
         sampler = grain.samplers.IndexSampler(num_records=len(self.shard), shuffle=shuffle,
                                               num_epochs=num_epochs, seed=seed)
-        operations = [_GuardedMap(transform)] if transform is not None else []
         if worker_count > 0:
             _allow_worker_processes()
+        self.skips = skips
         self._loader = grain.DataLoader(
-            data_source=_Guarded(self.shard), sampler=sampler, operations=operations,
+            data_source=_Guarded(self.shard, transform), sampler=sampler,
             worker_count=worker_count, worker_buffer_size=worker_buffer_size,
             read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
 
     def __iter__(self) -> "LoaderIterator":
-        return LoaderIterator(iter(self._loader))
+        return LoaderIterator(iter(self._loader), self.skips)
 
 
 class LoaderIterator(Iterator[Any]):
-    def __init__(self, inner):
+    def __init__(self, inner, skips: SkipCounter | None = None):
         self._inner = inner
+        self._skips = skips
         self.skipped: dict[str, int] = {}
         self.last_skip_message = ""
 
@@ -158,6 +158,8 @@ class LoaderIterator(Iterator[Any]):
             if isinstance(element, Skipped):
                 self.skipped[element.reason] = self.skipped.get(element.reason, 0) + 1
                 self.last_skip_message = element.message
+                if self._skips is not None:
+                    self._skips.add(element.reason, element.record, element.message)
                 continue
             return element
 
