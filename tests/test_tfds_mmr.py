@@ -123,3 +123,13 @@ def test_missing_split_file_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="MMR_val.json"):
         Mmr(data_dir=str(tmp_path / "out"), file_format="array_record", splits=("val",)).download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path)))
+
+
+def test_command_line_builds_chosen_splits(built, tmp_path, capsys):
+    from m2sa_jax.data.tfds_mmr.__main__ import main
+
+    _, manual, records = built
+    main(["--manual_dir", manual, "--data_dir", str(tmp_path), "--splits", "test_part_only"])
+    assert "test_part_only 3" in capsys.readouterr().out
+    ds = data_source(str(tmp_path), "test_part_only")
+    assert [decode_example(ds[i])[0] for i in range(len(ds))] == records["test_part_only"]
