@@ -86,3 +86,22 @@ def test_vocab_file_is_present():
     assert os.path.isfile(llama_vocab.GGUF_PATH), "run scripts/setup.sh to fetch the test vocabulary"
     meta = llama_vocab.read_gguf_metadata(llama_vocab.GGUF_PATH)
     assert meta["tokenizer.ggml.tokens"][29871] == "▁"
+
+
+def test_added_tokens_decoder_of_newer_configs(tmp_path):
+    folder = llama_vocab.write_checkpoint_tokenizer(str(tmp_path / "new"))
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["added_tokens_decoder"] = {
+        "1": {"content": "<s>", "special": True, "lstrip": False, "rstrip": False},
+        "32000": {"content": "[SEG]", "special": False, "lstrip": False, "rstrip": False},
+        "32001": {"content": "<im_start>", "special": True, "lstrip": False, "rstrip": False},
+        "32002": {"content": "<im_end>", "special": True, "lstrip": False, "rstrip": False},
+    }
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    tok = LegacyLlamaTokenizer.from_pretrained(folder)
+    assert tok.added_vocab == {"[SEG]": 32000, "<im_start>": 32001, "<im_end>": 32002}
+    # 4.31 strips around every plain added token whatever flags a newer config records
+    assert tok.tokenize("a [SEG] . <im_end>\n b") == ["▁a", "[SEG]", "▁.", "<im_end>", "▁b"]

@@ -210,8 +210,8 @@ def parse_record(rec: Any, record_id: str, image_root: str, check_image_exists: 
             refs.append(MaskRef(functools.partial(decode_segmentation, ann["segmentation"], height, width),
                                 height, width, label=name, kind=category_kind(name)))
         masks.append(refs)
-    return MMRRecord(record_id, image_path, rec.get("image_id"), height, width,
-                     [q.strip() for q in questions], answers, masks)
+    return MMRRecord(record_id, image_path, rec.get("image_id"), height, width, list(questions),
+                     answers, masks)
 
 
 class MMRDataset:
@@ -282,8 +282,8 @@ class MMRDataset:
     def _phrase_question(self, question: str, rng) -> str:
         if self.prompt == "train":
             return conversation.training_question(question, rng if rng is not None else np.random.default_rng())
-        if self.prompt == "val":
-            return conversation.validation_question(question)
+        if self.prompt == "val":                   # the evaluation code strips; training does not
+            return conversation.validation_question(question.strip())
         return question
 
     def _phrase_answer(self, answer: str) -> str:

@@ -93,9 +93,9 @@ class LegacyLlamaTokenizer:
         config = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
         added: dict[str, NoSplitToken] = {}
         for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
-            content = entry["content"]
-            added[content] = NoSplitToken(content, int(token_id), not entry.get("special", False),
-                                          not entry.get("special", False), bool(entry.get("special")))
+            content, special = entry["content"], bool(entry.get("special", False))
+            # special (<s>, </s>, <unk>): no strip, like LlamaTokenizer's AddedTokens; others: strip
+            added[content] = NoSplitToken(content, int(token_id), not special, not special, special)
         for content, token_id in (_read_json(os.path.join(folder, "added_tokens.json")) or {}).items():
             added.setdefault(content, NoSplitToken(content, int(token_id), True, True,
                                                    content in (IM_START_TOKEN, IM_END_TOKEN)))
