@@ -115,25 +115,33 @@ def test_m2sa_forward_matches_pytorch(setup):
                 [resized], [original], labels=torch.from_numpy(labels))
         ref_bce, ref_dice = mask_loss_terms(r["mask_logits"], [torch.from_numpy(gt)])
 
-    max_targets, mask_size = 6, (h + 7, w + 5)              # padding in both: proves masking
+    n_tgt, mask_hw = 3, (h + 7, w + 5)             # padding in both: proves masking
+    gt_masks = np.zeros((2, n_tgt) + mask_hw, bool)
+    gt_masks[0, :2, :h, :w] = gt[:2]
+    gt_masks[1, :3, :h, :w] = gt[2:]
+    target_valid = np.array([[1, 1, 0], [1, 1, 1]], bool)
+    batch = dict(sam_images=sam_in[None], clip_images=clip_in[None],
+                 input_ids=ids.astype(np.int32), attention_mask=am.astype(bool),
+                 labels=labels.astype(np.int32), conv_image_index=np.array([0, 0], np.int32),
+                 resized_hw=np.array([resized], np.int32),
+                 original_hw=np.array([original], np.int32), gt_masks=gt_masks,
+                 target_valid=target_valid)
     model = M2SA(config)
-    fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a, max_targets=max_targets,
-                                            mask_size=mask_size))
-    out = fwd(params, sam_in[None], clip_in[None], ids.astype(np.int32), am.astype(bool),
-              np.array([0, 0], np.int32), np.array([resized], np.int32),
-              np.array([original], np.int32))
-    assert int(out["seg_count"]) == 5
-    np.testing.assert_array_equal(np.asarray(out["seg_valid"]), [1, 1, 1, 1, 1, 0])
+    fwd = jax.jit(lambda p, b: model.apply({"params": p}, b, method=M2SA.forward_batch))
+    out = fwd(params, batch)
+    np.testing.assert_array_equal(np.asarray(out["seg_counts"]), [2, 3])
+    np.testing.assert_array_equal(np.asarray(out["seg_valid"]), target_valid.reshape(-1))
+    slots = target_valid.reshape(-1)
 
     # Logits over the expanded sequence, real positions only.
     n_extra = 255
     exp_mask = np.concatenate([np.ones((2, n_extra), bool), am.astype(bool)], 1)
     err_logits = np.abs(np.asarray(out["logits"]) - r["logits"].numpy())[exp_mask].max()
-    err_seg = np.abs(np.asarray(out["seg_embeddings"])[:5] - r["seg_embeddings"].numpy()).max()
+    err_seg = np.abs(np.asarray(out["seg_embeddings"])[slots] - r["seg_embeddings"].numpy()).max()
     err_early = np.abs(np.asarray(out["early_features"]) - r["early_features"].numpy()).max()
     ref_masks = r["mask_logits"][0].numpy()                               # [5, h, w]
     ours = np.asarray(out["mask_logits"])
-    err_masks = np.abs(ours[:5, :h, :w] - ref_masks).max()
+    err_masks = np.abs(ours[slots][:, :h, :w] - ref_masks).max()
     print(f"\n[{setup['variant']}] max abs err: logits {err_logits:.2e}, seg_embeddings "
           f"{err_seg:.2e}, early features {err_early:.2e}, mask logits {err_masks:.2e}")
     assert err_logits <= 1e-4
@@ -141,11 +149,7 @@ def test_m2sa_forward_matches_pytorch(setup):
     assert err_masks <= 1e-3
     assert np.all(ours[:, h:, :] == 0) and np.all(ours[:, :, w:] == 0)
 
-    gt_pad = np.zeros((max_targets,) + mask_size, np.float32)
-    gt_pad[:5, :h, :w] = gt
-    _, terms = compute_losses(out, labels.astype(np.int32), gt_pad,
-                              np.arange(max_targets) < 5, np.array([original], np.int32),
-                              num_images=1, ce_weight=1.0, bce_weight=1.0, dice_weight=1.0)
+    _, terms = compute_losses(out, batch, ce_weight=1.0, bce_weight=1.0, dice_weight=1.0)
     for name, want in (("ce", r["ce"].item()), ("bce", ref_bce.item()),
                        ("dice", ref_dice.item())):
         got = float(terms[name])

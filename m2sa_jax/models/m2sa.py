@@ -66,20 +66,23 @@ class TextHiddenFcs(nn.Module):
                         name="dense_2")(x)
 
 
-def seg_slots(input_ids, seg_token_id: int, max_targets: int):
-    """Where the [SEG]s are: the position *before* each one, in row-major order.
+def seg_slots(input_ids, seg_token_id: int, targets_per_question: int):
+    """Where the [SEG]s are: the position *before* each one, ``N`` slots per question.
 
-    Returns (question [M], text_position [M], valid [M], count scalar). Slots past ``count``
-    are padding (valid False). ``count > max_targets`` means targets were dropped: callers
-    check it (the batcher sizes M so that it never happens).
+    Slot ``q * N + k`` holds the k-th [SEG] of question q (row-major order, as the PyTorch
+    code's ``last_hidden_state[seg_token_mask]``, with padding slots interleaved). Returns
+    (question [Q·N], text_position [Q·N], valid [Q·N], per-question counts [Q]); a count above
+    N means targets were dropped — the batcher never lets that happen, and callers check it.
     """
     q, t = input_ids.shape
+    n = targets_per_question
     before_seg = jnp.concatenate(
         [input_ids[:, 1:] == seg_token_id, jnp.zeros((q, 1), bool)], axis=1)  # [Q, T]
-    count = before_seg.sum()
-    flat = jnp.nonzero(before_seg.reshape(-1), size=max_targets, fill_value=0)[0]  # [M]
-    valid = jnp.arange(max_targets) < count
-    return flat // t, flat % t, valid, count
+    counts = before_seg.sum(axis=1)                                           # [Q]
+    pos = jax.vmap(lambda row: jnp.nonzero(row, size=n, fill_value=0)[0])(before_seg)  # [Q, N]
+    valid = jnp.arange(n)[None, :] < counts[:, None]                           # [Q, N]
+    question = jnp.broadcast_to(jnp.arange(q)[:, None], (q, n))
+    return question.reshape(-1), pos.reshape(-1), valid.reshape(-1), counts
 
 
 class M2SA(nn.Module):
@@ -125,32 +128,41 @@ class M2SA(nn.Module):
 
     # --- the teacher-forced forward (training and the paper's evaluation) -------------------
 
-    def __call__(self, images_sam, images_clip, input_ids, attention_mask, image_of_question,
-                 resized_sizes, original_sizes, *, max_targets: int, mask_size: tuple[int, int]):
-        """Teacher-forced forward.
+    def __call__(self, sam_images, clip_images, input_ids, attention_mask, conv_image_index,
+                 resized_hw, original_hw, *, targets_per_question: int,
+                 mask_hw: tuple[int, int]):
+        """Teacher-forced forward over a batch (the names of ``data.pipeline.collate``).
 
-        Returns a dict: ``logits`` [Q, E, V] over the expanded sequence, ``seg_embeddings``
-        [M, 256], ``seg_valid`` [M], ``seg_question`` [M], ``seg_image`` [M], ``seg_count``,
-        ``low_res_masks`` [M, 256, 256], ``mask_logits`` [M, Hmax, Wmax] and the encoders'
-        intermediates (``image_embeddings``, ``early_features``).
+        sam_images [I, S, S, 3], clip_images [I, 224, 224, 3], input_ids / attention_mask
+        [Q, T] (one image placeholder per row, right-padded), conv_image_index [Q],
+        resized_hw / original_hw [I, 2]. With M = Q·N target slots, returns: ``logits``
+        [Q, E, V] over the expanded sequence, ``seg_embeddings`` [M, 256], ``seg_valid`` [M],
+        ``seg_question`` / ``seg_image`` [M], ``seg_counts`` [Q], ``low_res_masks``
+        [M, 256, 256], ``mask_logits`` [M, Hmax, Wmax] and the encoders' intermediates.
         """
-        enc = self.encode_images(images_sam, images_clip)
-        lm = self.language(input_ids, attention_mask, enc["image_rows"][image_of_question])
-        seg_q, seg_t, seg_valid, seg_count = seg_slots(
-            input_ids, self.config.seg_token_id, max_targets)
+        enc = self.encode_images(sam_images, clip_images)
+        lm = self.language(input_ids, attention_mask, enc["image_rows"][conv_image_index])
+        seg_q, seg_t, seg_valid, seg_counts = seg_slots(
+            input_ids, self.config.seg_token_id, targets_per_question)
         pos = lm["text_to_expanded"][seg_q, seg_t]                          # [M]
         hidden = lm["last_hidden_state"][seg_q, pos]                         # [M, d]
         seg_embeddings = self.text_hidden_fcs(hidden).astype(jnp.float32)   # [M, 256]
-        seg_image = image_of_question[seg_q]
+        seg_image = conv_image_index[seg_q]
         low_res, full = self.segment(seg_embeddings, seg_image, enc["image_embeddings"],
-                                     enc["early_features"], resized_sizes, original_sizes,
-                                     mask_size)
+                                     enc["early_features"], resized_hw, original_hw, mask_hw)
         return dict(logits=lm["logits"], last_hidden_state=lm["last_hidden_state"],
                     text_to_expanded=lm["text_to_expanded"],
                     seg_embeddings=seg_embeddings, seg_valid=seg_valid, seg_question=seg_q,
-                    seg_image=seg_image, seg_count=seg_count, low_res_masks=low_res,
+                    seg_image=seg_image, seg_counts=seg_counts, low_res_masks=low_res,
                     mask_logits=full, image_embeddings=enc["image_embeddings"],
                     early_features=enc["early_features"])
+
+    def forward_batch(self, batch: Mapping[str, Any]):
+        """``__call__`` on a ``data.pipeline.collate`` batch (static sizes from its shapes)."""
+        q, n, mh, mw = batch["gt_masks"].shape
+        return self(batch["sam_images"], batch["clip_images"], batch["input_ids"],
+                    batch["attention_mask"], batch["conv_image_index"], batch["resized_hw"],
+                    batch["original_hw"], targets_per_question=n, mask_hw=(mh, mw))
 
 
 def expand_labels(labels, text_to_expanded, expanded_len: int):
@@ -169,17 +181,19 @@ def pixel_valid_mask(original_sizes, seg_image, mask_size):
     return ys & xs
 
 
-def compute_losses(outputs, labels, gt_masks, gt_valid, original_sizes, num_images: int, *,
-                   ce_weight: float, bce_weight: float, dice_weight: float):
-    """SPEC §4 losses from the forward's outputs. gt_masks [M, Hmax, Wmax] in slot order;
-    gt_valid [M] marks real targets (must agree with ``seg_valid``)."""
-    mask_size = gt_masks.shape[1:]
-    exp_labels = expand_labels(labels, outputs["text_to_expanded"], outputs["logits"].shape[1])
-    valid = gt_valid & outputs["seg_valid"]
-    pv = pixel_valid_mask(original_sizes, outputs["seg_image"], mask_size)
+def compute_losses(outputs, batch: Mapping[str, Any], *, ce_weight: float, bce_weight: float,
+                   dice_weight: float):
+    """SPEC §4 losses of a forward on a collated batch. Targets are ``gt_masks`` [Q, N, H, W]
+    with ``target_valid`` [Q, N] in [SEG] order; padded conversations carry no labels."""
+    q, n, mh, mw = batch["gt_masks"].shape
+    exp_labels = expand_labels(batch["labels"], outputs["text_to_expanded"],
+                               outputs["logits"].shape[1])
+    valid = batch["target_valid"].reshape(-1) & outputs["seg_valid"]
+    pv = pixel_valid_mask(batch["original_hw"], outputs["seg_image"], (mh, mw))
     return losses_lib.m2sa_loss(
-        outputs["logits"], exp_labels, outputs["mask_logits"], gt_masks, valid, pv,
-        outputs["seg_image"], num_images, ce_weight=ce_weight, bce_weight=bce_weight,
+        outputs["logits"], exp_labels, outputs["mask_logits"],
+        batch["gt_masks"].reshape(q * n, mh, mw), valid, pv, outputs["seg_image"],
+        batch["sam_images"].shape[0], ce_weight=ce_weight, bce_weight=bce_weight,
         dice_weight=dice_weight)
 
 
