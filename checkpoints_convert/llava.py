@@ -1,15 +1,16 @@
 """LLaMA / Vicuna and LLaVA checkpoints (Hugging Face folders) → m2sa-jax parameters, and back.
 
-Three layouts are recognised from the keys present:
+Layouts are recognised from the keys present (:func:`detect_layout`):
 
 * ``llama``: ``LlamaForCausalLM`` (``model.layers.N.*``, ``model.norm``, ``lm_head``);
 * ``llava_v1``: LLaVA v1 / LISA, the LLaMA keys plus ``model.vision_tower.vision_tower.vision_model.*``
   (a CLIPVisionModel) and ``model.mm_projector.*``;
-* ``llava_hf``: ``LlavaForConditionalGeneration`` as transformers 5 saves it
-  (``model.language_model.*``, ``model.vision_tower.vision_model.*``,
-  ``model.multi_modal_projector.linear_{1,2}``, ``lm_head``), or its older form
-  (``language_model.model.*``, ``language_model.lm_head``, ``vision_tower.*``,
-  ``multi_modal_projector.*``).
+* ``llava_hf``: ``LlavaForConditionalGeneration`` in its in-memory names
+  (``model.language_model.*``, ``model.vision_tower[.vision_model].*``,
+  ``model.multi_modal_projector.linear_{1,2}``, ``lm_head``);
+* ``llava_hf_old``: the names llava-hf checkpoints are stored under (and transformers 5 still
+  saves): ``language_model.model.*``, ``language_model.lm_head``,
+  ``vision_tower[.vision_model].*``, ``multi_modal_projector.*``.
 
 The rule builders (:func:`llama_rules`, :func:`clip_rules`, :func:`projector_rules`) are reused by
 the M²SA converter. Tensors stream shard by shard; the output leaves live in memory-mapped files
@@ -19,6 +20,7 @@ when the converted tree is larger than RAM (13B in bfloat16 is 26 GB).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -120,52 +122,64 @@ def projector_rules(prefix: str, projector_type: str, target: str = "mm_projecto
 
 # --- layouts --------------------------------------------------------------------------------
 
-LAYOUTS = {
-    # name: (marker keys that must all have a key starting with them)
-    "llava_hf": ("model.language_model.", "model.vision_tower.vision_model.",
-                 "model.multi_modal_projector."),
-    "llava_hf_old": ("language_model.model.", "vision_tower.vision_model.",
-                     "multi_modal_projector."),
-    "llava_v1": ("model.layers.", "model.vision_tower.vision_tower.vision_model.",
-                 "model.mm_projector."),
-    "llama": ("model.layers.", "model.embed_tokens."),
-}
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each part of a model lives in a checkpoint's key space."""
+
+    name: str
+    text: str  # prefix of the LLaMA body (embed_tokens, layers, norm)
+    lm_head: str  # key of the LM head weight
+    vision: str | None = None  # prefix of the CLIP vision transformer (…embeddings.*)
+    projector: str | None = None
+
+    @property
+    def is_llava(self) -> bool:
+        return self.vision is not None
 
 
-def detect_layout(keys, name: str = "checkpoint") -> str:
-    keys = list(keys)
-    for layout, markers in LAYOUTS.items():
-        if all(any(k.startswith(m) for k in keys) for m in markers):
-            return layout
-    report = "\n".join(
-        f"  {layout}: missing keys starting with "
-        f"{[m for m in markers if not any(k.startswith(m) for k in keys)]}"
-        for layout, markers in LAYOUTS.items())
-    raise ConversionError(f"{name}: not a LLaMA or LLaVA checkpoint this converter knows.\n{report}")
+_TEXT = ("model.language_model.", "language_model.model.", "model.")
+_LM_HEAD = ("lm_head.weight", "language_model.lm_head.weight")
+# LLaVA v1 / LISA wrap a CLIPVisionModel (vision_model.*); llava-hf checkpoints on the hub keep
+# ``vision_model.``, while transformers 5 saves the tower without it.
+_VISION = ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower.vision_model.",
+           "model.vision_tower.", "vision_tower.vision_model.", "vision_tower.")
+_PROJECTOR = ("model.mm_projector.", "model.multi_modal_projector.", "multi_modal_projector.")
 
 
-def layout_rules(layout: str, config, scan: bool) -> list[Rule]:
-    """The full table for a layout. ``config`` is a LlamaConfig (``llama``) or LlavaConfig."""
-    if layout == "llama":
-        tied = config.tie_word_embeddings
-        return llama_rules("model.", scan) + lm_head_rules("lm_head.weight", tied)
-    tied = config.text.tie_word_embeddings
+def detect_layout(keys, name: str = "checkpoint") -> Layout:
+    """Finds the prefixes of the parts from the keys present; fails naming what is missing."""
+    keys = set(keys)
+    text = next((p for p in _TEXT if f"{p}embed_tokens.weight" in keys), None)
+    head = next((k for k in _LM_HEAD if k in keys), None)
+    vision = next((p for p in _VISION if f"{p}embeddings.patch_embedding.weight" in keys), None)
+    projector = next((p for p in _PROJECTOR if any(k.startswith(p) for k in keys)), None)
+    missing = []
+    if text is None:
+        missing.append(f"the LLaMA token embedding (one of {[p + 'embed_tokens.weight' for p in _TEXT]})")
+    if (vision is None) != (projector is None):
+        missing.append(f"the CLIP tower (…embeddings.patch_embedding.weight under one of {_VISION})"
+                       if vision is None else f"the projector (keys under one of {_PROJECTOR})")
+    if missing:
+        raise ConversionError(f"{name}: not a LLaMA or LLaVA checkpoint this converter knows; "
+                              f"missing " + "; ".join(missing))
+    if vision is None:
+        return Layout("llama", text, head or "lm_head.weight")
+    kind = ("llava_v1" if projector == "model.mm_projector." else
+            "llava_hf" if projector.startswith("model.") else "llava_hf_old")
+    return Layout(kind, text, head or ("lm_head.weight" if kind != "llava_hf_old"
+                                      else "language_model.lm_head.weight"), vision, projector)
+
+
+def layout_rules(layout: Layout, config, scan: bool) -> list[Rule]:
+    """The full table. ``config`` is a LlamaConfig (plain LLaMA) or a LlavaConfig."""
+    if not layout.is_llava:
+        return (llama_rules(layout.text, scan)
+                + lm_head_rules(layout.lm_head, config.tie_word_embeddings))
     lm = "language_model/"
-    if layout == "llava_v1":
-        return (llama_rules("model.", scan, target=lm) + lm_head_rules("lm_head.weight", tied, lm)
-                + clip_rules("model.vision_tower.vision_tower.vision_model.")
-                + projector_rules("model.mm_projector.", config.projector_type))
-    if layout == "llava_hf":
-        return (llama_rules("model.language_model.", scan, target=lm)
-                + lm_head_rules("lm_head.weight", tied, lm)
-                + clip_rules("model.vision_tower.vision_model.")
-                + projector_rules("model.multi_modal_projector.", config.projector_type))
-    if layout == "llava_hf_old":
-        return (llama_rules("language_model.model.", scan, target=lm)
-                + lm_head_rules("language_model.lm_head.weight", tied, lm)
-                + clip_rules("vision_tower.vision_model.")
-                + projector_rules("multi_modal_projector.", config.projector_type))
-    raise ValueError(f"unknown layout {layout!r}")
+    return (llama_rules(layout.text, scan, target=lm)
+            + lm_head_rules(layout.lm_head, config.text.tie_word_embeddings, lm)
+            + clip_rules(layout.vision)
+            + projector_rules(layout.projector, config.projector_type))
 
 
 def checkpoint_keys(folder: str) -> list[str]:
@@ -194,24 +208,22 @@ def read_config(folder: str):
                                 f"from the checkpoint's release next to the weights")
     with open(p) as f:
         cfg = json.load(f)
-    layout = detect_layout(checkpoint_keys(folder), folder)
-    if layout == "llama":
+    keys = checkpoint_keys(folder)
+    layout = detect_layout(keys, folder)
+    if not layout.is_llava:
         return layout, llama.LlamaConfig.from_hf(cfg)
     config = llava.llava_config_from_hf(cfg)
-    if layout == "llava_v1" and config.projector_type == "linear":
-        keys = checkpoint_keys(folder)
+    if layout.name == "llava_v1" and config.projector_type == "linear":
         if any(k.startswith("model.mm_projector.2.") for k in keys):
             raise ConversionError(f"{p}: mm_projector_type is 'linear' but the weights hold a "
                                   f"two-layer projector; set \"mm_projector_type\": \"mlp2x_gelu\"")
     return layout, config
 
 
-def target_shapes(layout: str, config, scan: bool):
-    import dataclasses
-
+def target_shapes(layout: Layout, config, scan: bool):
     from m2sa_jax.models import llama, llava
 
-    if layout == "llama":
+    if not layout.is_llava:
         return llama.param_shapes(dataclasses.replace(config, scan_layers=scan))
     text = dataclasses.replace(config.text, scan_layers=scan)
     return llava.param_shapes(dataclasses.replace(config, text=text))
@@ -242,13 +254,11 @@ def convert_folder(src: str, *, scan: bool = False, dtype=None, workdir: str | N
     return params, layout, config
 
 
-def _config_meta(layout, config, scan, dtype) -> dict:
-    import dataclasses
-
-    if layout == "llama":
-        return dict(model="llama", layout=layout, scan_layers=scan, dtype=dtype or "float32",
+def _config_meta(layout: Layout, config, scan, dtype) -> dict:
+    if not layout.is_llava:
+        return dict(model="llama", layout=layout.name, scan_layers=scan, dtype=dtype or "as stored",
                     text_config=config.to_hf())
-    return dict(model="llava", layout=layout, scan_layers=scan, dtype=dtype or "float32",
+    return dict(model="llava", layout=layout.name, scan_layers=scan, dtype=dtype or "as stored",
                 text_config=config.text.to_hf(), vision_config=config.vision.to_hf(),
                 projector_type=config.projector_type, image_token_index=config.image_token_index,
                 vision_feature_layer=config.vision_feature_layer)
@@ -305,7 +315,7 @@ def _reopen_readonly(tree):
     return out
 
 
-def export_params(params, layout: str, config, scan: bool, dtype=None):
+def export_params(params, layout: Layout, config, scan: bool, dtype=None):
     """Our tree → ``(hf_key, array)`` pairs in the given layout's names."""
     return export(params, layout_rules(layout, config, scan), dtype=dtype)
 

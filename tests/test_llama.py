@@ -60,7 +60,7 @@ def checkpoints(tmp_path_factory):
 
 def _load(folder, scan=False, **overrides):
     params, layout, config = convert_llava.convert_folder(folder, scan=scan)
-    assert layout == "llama"
+    assert layout.name == "llama"
     return params, dataclasses.replace(config, scan_layers=scan, **overrides)
 
 
@@ -200,8 +200,8 @@ def test_bfloat16_compute_close_to_float32(checkpoints):
 def test_export_round_trip(checkpoints):
     """Our tree exported to Hugging Face names loads into transformers bit-exactly."""
     folder, hf = checkpoints["mha_bin"]
-    params, config = _load(folder, scan=True)
-    exported = dict(convert_llava.export_params(params, "llama", config, scan=True))
+    params, layout, config = convert_llava.convert_folder(folder, scan=True)
+    exported = dict(convert_llava.export_params(params, layout, config, scan=True))
     ref = hf.state_dict()
     assert set(exported) == set(ref)
     for k, v in ref.items():
