@@ -211,3 +211,14 @@ def test_vqa_llava_instruct(tmp_path):
     with pytest.raises(BadRecord) as e:
         src.sample(2, np.random.default_rng(0))
     assert e.value.reason == "bad_turns" and "llava_instruct_150k.json record vqa:3" in str(e.value)
+
+
+def test_question_weights_of_the_released_training():
+    released = templates.short_questions(released_weights=True)
+    assert len(released) == 4 + 2 * 14 and len(templates.short_questions()) == 18
+    rng = np.random.default_rng(0)
+    originals = {templates.strip_image_prefix(q).format(class_name="cat") for q in templates.SHORT_QUESTION_LIST}
+    for weights, expected in ((True, 4 / 32), (False, 4 / 18)):
+        n = 4000
+        hits = sum(common.phrase_turn(rng, ["cat"], released_weights=weights)[0] in originals for _ in range(n))
+        assert abs(hits / n - expected) < 4 * np.sqrt(expected * (1 - expected) / n), (weights, hits / n)

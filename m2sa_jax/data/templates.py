@@ -128,9 +128,17 @@ VAL_QUESTION_TEMPLATE = _P + " {sent} Please output segmentation mask."
 MULTI_CLASS_QUESTION_TEMPLATE = _P + "Can you segment the {class_names}?"
 
 
-def short_questions(expand: bool = True) -> list[str]:
-    """Class-name questions (sem_seg, refer_seg); MMR's training appends the expanded list."""
-    return SHORT_QUESTION_LIST + (EXPAND_QUESTION_LIST if expand else [])
+def short_questions(expand: bool = True, released_weights: bool = False) -> list[str]:
+    """Class-name questions (sem_seg, refer_seg); MMR's training appends the expanded list.
+
+    ``released_weights``: the public M²SA training appends the expanded list to the shared
+    module-level list once per dataset that uses it (sem_seg and refer_seg), so the list its
+    models were trained with holds every expanded question twice (4 + 2 × 14 entries, drawn
+    uniformly). This reproduces that distribution.
+    """
+    if not expand:
+        return list(SHORT_QUESTION_LIST)
+    return SHORT_QUESTION_LIST + EXPAND_QUESTION_LIST * (2 if released_weights else 1)
 
 
 def long_questions(expand: bool = True) -> list[str]:

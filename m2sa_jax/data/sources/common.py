@@ -56,17 +56,19 @@ def allocate_to_questions(
     return groups
 
 
-def phrase_turn(rng: np.random.Generator, names: Sequence[str], expand: bool = True) -> tuple[str, str]:
+def phrase_turn(rng: np.random.Generator, names: Sequence[str], expand: bool = True,
+                released_weights: bool = True) -> tuple[str, str]:
     """One (question, answer) for the targets ``names``: one [SEG] per name, in order.
 
     Question: a short (class-name) template filled with the enumerated, lower-cased names.
     Answer: one target → a plain answer template; several → with probability ½ one
     "X is [SEG]" clause per target joined, otherwise a plural template listing all [SEG]s
-    (the three branches of the public M²SA code).
+    (the three branches of the public M²SA code). ``released_weights``: draw questions with
+    the released training's weights (see :func:`templates.short_questions`).
     """
     target = templates.join_targets(list(names))
     question = templates.strip_image_prefix(
-        str(rng.choice(templates.short_questions(expand))).format(class_name=target.lower())
+        str(rng.choice(templates.short_questions(expand, released_weights))).format(class_name=target.lower())
     )
     separate = int(rng.integers(0, 2))
     if len(names) == 1:
