@@ -133,3 +133,14 @@ def test_command_line_builds_chosen_splits(built, tmp_path, capsys):
     assert "test_part_only 3" in capsys.readouterr().out
     ds = data_source(str(tmp_path), "test_part_only")
     assert [decode_example(ds[i])[0] for i in range(len(ds))] == records["test_part_only"]
+
+
+def test_file_name_leaving_the_images_folder_is_refused(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.txt").write_text("not for the dataset")
+    record = _record(0, "val", 10, 14)
+    record["file_name"] = "../secret.txt"
+    (tmp_path / "MMR_val.json").write_text(json.dumps([record]))
+    with pytest.raises(ValueError, match=r"MMR_val.json record 0: file_name '../secret.txt'"):
+        Mmr(data_dir=str(tmp_path / "out"), file_format="array_record", splits=("val",)).download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path)))

@@ -84,7 +84,10 @@ class Mmr(tfds.core.GeneratorBasedBuilder):
             missing = [k for k in _REQUIRED if k not in record]
             if missing:
                 raise ValueError(f"{name} record {i}: missing {missing}; is this an MMR json file?")
-            image_path = os.path.join(image_dir, record["file_name"])
+            file_name = record["file_name"]
+            if not isinstance(file_name, str) or os.path.isabs(file_name) or ".." in file_name.replace("\\", "/").split("/"):
+                raise ValueError(f"{name} record {i}: file_name {file_name!r} is not a path inside the images folder")
+            image_path = os.path.join(image_dir, file_name)
             try:
                 with open(image_path, "rb") as f:
                     image = f.read()
