@@ -75,3 +75,52 @@ def write_sharded_bin(state: dict, folder: str, num_shards: int) -> None:
         weight_map.update({k: name for k in part})
     with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def randomize(module, seed: int, std: float = 0.05) -> None:
+    """Normal init everywhere (upstream zero-inits pos_embed / rel_pos; we want them live);
+    norm weights near 1."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("weight") and ("norm" in name.lower() or name.endswith("ln.weight")):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def write_tiny_m2sa_folder(folder: str, variant: str = "m2sa", *, sam_depth: int = 32,
+                           global_attn=(7, 15, 23, 31), sam_width: int = 32, img_size: int = 1024,
+                           sp_vocab: int = 400, seed: int = 0, max_positions: int = 1024):
+    """A LISA/M²SA folder in the released layout (sharded safetensors + index, config.json,
+    tokenizer) from a random PyTorch reference model. Returns (reference model, [SEG] id, state)."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    from torch_m2sa_reference import TorchM2SA, build_sam
+
+    os.makedirs(folder, exist_ok=True)
+    seg_id = make_tokenizer_files(folder, sp_vocab)
+    llama_cfg = LlamaConfig(vocab_size=sp_vocab + 3, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                            rms_norm_eps=1e-6, max_position_embeddings=max_positions,
+                            attn_implementation="eager")
+    clip_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=2, image_size=224, patch_size=14,
+                                hidden_act="quick_gelu", attn_implementation="eager")
+    sam = build_sam(embed_dim=sam_width, depth=sam_depth, num_heads=2,
+                    global_attn_indexes=tuple(global_attn), img_size=img_size,
+                    use_compress_vit=variant == "m2sa")
+    ref = TorchM2SA(llama_cfg, clip_cfg, sam, seg_token_id=seg_id, num_image_rows=256)
+    randomize(ref, seed)
+    ref.eval()
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    write_sharded_safetensors(state, folder, num_shards=3)
+    hf_config = dict(llama_cfg.to_dict(), architectures=["LISAForCausalLM"],
+                     mm_vision_tower="tiny-clip", vision_config=clip_cfg.to_dict(),
+                     mm_use_im_start_end=True, mm_vision_select_layer=-2, out_dim=256)
+    hf_config.pop("attn_implementation", None)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config, f, default=str)
+    return ref, seg_id, state

@@ -16,30 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig
 
 from checkpoints_convert.__main__ import main as convert_main
 from checkpoints_convert.m2sa import meta_to_config
 from m2sa_jax.data.preprocess import clip_preprocess, sam_preprocess
 from m2sa_jax.models.m2sa import M2SA, compute_losses
 from m2sa_jax.params_io import load_meta, load_params
-from m2sa_helpers import make_tokenizer_files, write_sharded_safetensors
-from torch_m2sa_reference import (IMAGE_TOKEN_INDEX, TorchM2SA, build_sam,
-                                        mask_loss_terms)
+from m2sa_helpers import write_tiny_m2sa_folder
+from torch_m2sa_reference import IMAGE_TOKEN_INDEX, mask_loss_terms
 
 SP_VOCAB = 400          # SentencePiece pieces of the test tokenizer; [SEG] etc. follow
-
-
-def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05):
-    """Normal init everywhere (upstream zero-inits pos_embed / rel_pos; we want them live)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name and name.endswith("weight") or "layernorm" in name.lower() and \
-                    name.endswith("weight") or name.endswith("ln.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(scope="module", params=["m2sa", "lisa"])
@@ -47,28 +33,7 @@ def setup(request, tmp_path_factory):
     variant = request.param
     tmp = tmp_path_factory.mktemp(f"{variant}_ckpt")
     src, dst = tmp / "hf", tmp / "converted"
-    src.mkdir()
-    seg_id = make_tokenizer_files(str(src), SP_VOCAB)
-    vocab = SP_VOCAB + 3
-    llama_cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                            rms_norm_eps=1e-6, max_position_embeddings=1024,
-                            attn_implementation="eager")
-    clip_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                num_attention_heads=2, image_size=224, patch_size=14,
-                                hidden_act="quick_gelu", attn_implementation="eager")
-    sam = build_sam(embed_dim=32, depth=32, num_heads=2, global_attn_indexes=(7, 15, 23, 31),
-                    use_compress_vit=variant == "m2sa")
-    ref = TorchM2SA(llama_cfg, clip_cfg, sam, seg_token_id=seg_id, num_image_rows=256)
-    _randomize(ref, seed=0)
-    ref.eval()
-    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
-    write_sharded_safetensors(state, str(src), num_shards=3)
-    hf_config = dict(llama_cfg.to_dict(), architectures=["LISAForCausalLM"],
-                     mm_vision_tower="tiny-clip", vision_config=clip_cfg.to_dict(),
-                     mm_use_im_start_end=True, mm_vision_select_layer=-2, out_dim=256)
-    hf_config.pop("attn_implementation", None)
-    (src / "config.json").write_text(json.dumps(hf_config, default=str))
+    ref, seg_id, state = write_tiny_m2sa_folder(str(src), variant, sp_vocab=SP_VOCAB)
     assert convert_main(["m2sa", "--src", str(src), "--dst", str(dst)]) == 0
     meta = load_meta(str(dst))
     config = meta_to_config(meta)

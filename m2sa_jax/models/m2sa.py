@@ -126,6 +126,15 @@ class M2SA(nn.Module):
             low_res, resized_sizes[seg_image], original_sizes[seg_image])  # [M, Hmax, Wmax]
         return low_res, full
 
+    def masks_from_hidden(self, hidden, seg_image, image_embeddings, early_features,
+                          resized_hw, original_hw, mask_hw: tuple[int, int]):
+        """Generate-then-segment's second half: the hidden states that produced [SEG]
+        ([M, d]) → text_hidden_fcs → masks, each on its image's encodings (``seg_image``)."""
+        seg_embeddings = self.text_hidden_fcs(hidden).astype(jnp.float32)    # [M, 256]
+        low_res, full = self.segment(seg_embeddings, seg_image, image_embeddings,
+                                     early_features, resized_hw, original_hw, mask_hw)
+        return dict(seg_embeddings=seg_embeddings, low_res_masks=low_res, mask_logits=full)
+
     # --- the teacher-forced forward (training and the paper's evaluation) -------------------
 
     def __call__(self, sam_images, clip_images, input_ids, attention_mask, conv_image_index,
