@@ -14,13 +14,19 @@ from checkpoints_convert.io import to_numpy
 from m2sa_jax.models.sam import SamConfig
 
 
-def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Refills every parameter and the PE gaussian buffer; LayerNorm scales around 1."""
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05,
+               decoder_std: float | None = None) -> torch.nn.Module:
+    """Refills every parameter and the PE gaussian buffer; LayerNorm scales around 1.
+
+    ``decoder_std`` (default ``std``) applies to the prompt encoder and mask decoder, so their
+    logits can be made O(1) independently of the encoder's scale.
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in list(module.named_parameters()) + [
                 (n, b) for n, b in module.named_buffers() if "gaussian" in n]:
-            noise = torch.randn(p.shape, generator=g) * std
+            s = std if name.startswith("image_encoder") or decoder_std is None else decoder_std
+            noise = torch.randn(p.shape, generator=g) * s
             is_norm_scale = p.ndim == 1 and name.endswith("weight") and (
                 "norm" in name or "neck.1" in name or "neck.3" in name
                 or "upscaling.1" in name or "downscaling.1" in name
@@ -29,7 +35,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
     return module
 
 
-def torch_sam(cfg: SamConfig, seed: int = 0, std: float = 0.05):
+def torch_sam(cfg: SamConfig, seed: int = 0, std: float = 0.05, decoder_std: float | None = None):
     """segment_anything's Sam for ``cfg`` with random weights (eval mode, float32)."""
     from functools import partial
 
@@ -59,7 +65,7 @@ def torch_sam(cfg: SamConfig, seed: int = 0, std: float = 0.05):
     if cfg.use_compress_vit:
         sam.mask_decoder.compress_vit = compress_vit_module(cfg.encoder_embed_dim,
                                                             cfg.prompt_embed_dim)
-    return randomize_(sam, seed, std).eval()
+    return randomize_(sam, seed, std, decoder_std).eval()
 
 
 def compress_vit_module(in_dim: int, out_dim: int = 256) -> torch.nn.Sequential:

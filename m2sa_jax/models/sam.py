@@ -165,21 +165,32 @@ def _interp_weights(out_size, in_size, n_out: int, n_in: int):
     ``out_size``/``in_size`` may be traced scalars (≤ n_out / n_in): rows at and past
     ``out_size`` are zero and no source index reaches ``in_size`` or beyond, so cropping to
     ``in_size`` and padding to ``n_out`` come for free.
+
+    PyTorch's CPU/GPU kernels evaluate the source coordinate ``scale·(i + 0.5) − 0.5`` with a
+    fused multiply-add (one rounding). With Python ints (static sizes) this is reproduced
+    exactly in float64 followed by one rounding to float32; traced sizes use float32
+    arithmetic, which can sit one rounding of the coordinate away (≤ 1e-5 on unit logits).
     """
-    out_size = jnp.asarray(out_size, jnp.float32)
-    in_size_f = jnp.asarray(in_size, jnp.float32)
-    scale = in_size_f / out_size
-    dst = jnp.arange(n_out, dtype=jnp.float32)
-    src = jnp.maximum(scale * (dst + 0.5) - 0.5, 0.0)
-    i0 = jnp.floor(src).astype(jnp.int32)
-    i0 = jnp.minimum(i0, jnp.asarray(in_size, jnp.int32) - 1)
-    lam1 = src - i0.astype(jnp.float32)
-    i1 = jnp.minimum(i0 + 1, jnp.asarray(in_size, jnp.int32) - 1)
-    lam0 = 1.0 - lam1
-    cols = jnp.arange(n_in)
-    w = lam0[:, None] * (cols[None, :] == i0[:, None]) + lam1[:, None] * (cols[None, :] == i1[:, None])
-    valid = dst < out_size
-    return jnp.where(valid[:, None], w, 0.0).astype(jnp.float32)
+    static = all(isinstance(v, (int, np.integer)) for v in (out_size, in_size))
+    xp = np if static else jnp
+    f32 = np.float32 if static else jnp.float32
+    scale = xp.asarray(in_size, f32) / xp.asarray(out_size, f32)
+    dst = xp.arange(n_out, dtype=f32)
+    if static:
+        src = (scale.astype(np.float64) * (dst.astype(np.float64) + 0.5) - 0.5).astype(f32)
+    else:
+        src = scale * (dst + f32(0.5)) - f32(0.5)
+    src = xp.maximum(src, f32(0.0))
+    last = xp.asarray(in_size, np.int32) - 1
+    i0 = xp.minimum(xp.floor(src).astype(np.int32), last)
+    lam1 = xp.clip(src - i0.astype(f32), f32(0.0), f32(1.0))
+    lam0 = f32(1.0) - lam1
+    i1 = xp.minimum(i0 + 1, last)
+    cols = xp.arange(n_in)
+    w = (lam0[:, None] * (cols[None, :] == i0[:, None])
+         + lam1[:, None] * (cols[None, :] == i1[:, None]))
+    valid = dst < xp.asarray(out_size, f32)
+    return xp.where(valid[:, None], w, f32(0.0)).astype(f32)
 
 
 def _resize_hw(x, wh, ww):

@@ -1,0 +1,135 @@
+"""SAM image encoder speed: the same random weights in JAX and PyTorch, ms per image.
+
+    python bench/sam_encoder.py --model-type vit_b --dtype float32 --iters 3 --device cpu
+
+One 1024×1024 image (batch 1); each framework is warmed up once (JAX: compile) and then
+timed over ``--iters`` runs. Prints ms/image for both, their ratio, and the max abs
+difference of the image embeddings (a float32 sanity check of the shared weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def torch_reference(model_type: str, device: str, seed: int = 0):
+    """segment_anything's encoder with every weight random (built on the meta device, then
+    filled where it runs, so even ViT-H starts in seconds)."""
+    import torch
+    from segment_anything import sam_model_registry
+
+    with torch.device("meta"):
+        sam = sam_model_registry[model_type]()
+    sam = sam.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            p.normal_(0.0, 0.02, generator=g)
+            if p.ndim == 1 and name.endswith("weight") and ("norm" in name or "neck" in name
+                                                           or "upscaling" in name
+                                                           or "downscaling" in name):
+                p.add_(1.0)
+        sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.normal_(generator=g)
+    return sam.eval()
+
+
+def jax_params_from(sam, model_type: str):
+    from checkpoints_convert.io import to_numpy
+    from checkpoints_convert.sam import convert_sam
+    from m2sa_jax.models.sam import sam_config
+
+    cfg = sam_config(model_type)
+    items = ((k, to_numpy(v)) for k, v in sam.state_dict().items())
+    return convert_sam(items, cfg), cfg
+
+
+def time_torch(sam, x, dtype: str, iters: int, device: str):
+    """ms/image and the embedding (NHWC, float32 numpy)."""
+    import torch
+
+    enc = sam.image_encoder
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
+    if dtype == "bfloat16":
+        enc = enc.to(torch.bfloat16)
+        xt = xt.to(torch.bfloat16)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        out = enc(xt)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = enc(xt)
+        sync()
+        ms = (time.perf_counter() - t0) * 1000 / iters
+    if dtype == "bfloat16":
+        enc.to(torch.float32)
+    return ms, out.float().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def time_jax(params, cfg, x, dtype: str, iters: int, device: str | None = None):
+    import jax
+    import jax.numpy as jnp
+
+    from m2sa_jax.models.sam import Sam, select_compute_dtype
+
+    model = Sam(cfg, select_compute_dtype(dtype))
+    dev = jax.devices(device)[0] if device else jax.devices()[0]
+    params = jax.device_put(params, dev)
+    xj = jax.device_put(jnp.asarray(x), dev)
+    fn = jax.jit(lambda p, im: model.apply({"params": p}, im,
+                                           method=Sam.encode_image)["image_embeddings"])
+    t0 = time.perf_counter()
+    out = fn(params, xj).block_until_ready()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = fn(params, xj)
+    out.block_until_ready()
+    ms = (time.perf_counter() - t0) * 1000 / iters
+    return ms, np.asarray(out, np.float32), compile_s
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (JAX uses the matching platform)")
+    args = ap.parse_args(argv)
+
+    import jax
+    import torch
+
+    if args.dtype == "float32":  # compare exact float32 on both sides (no TF32 / bf16 passes)
+        jax.config.update("jax_default_matmul_precision", "highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    jax_platform = "gpu" if args.device.startswith("cuda") else "cpu"
+    print(f"SAM {args.model_type} image encoder, {args.dtype}, 1×1024×1024, {args.iters} timed "
+          f"runs after warm-up; torch {args.device} ({torch.get_num_threads()} threads), "
+          f"jax {jax.devices(jax_platform)[0]}")
+    sam = torch_reference(args.model_type, args.device)
+    params, cfg = jax_params_from(sam, args.model_type)
+    x = np.random.default_rng(0).standard_normal((1, 1024, 1024, 3)).astype(np.float32)
+    t_ms, t_out = time_torch(sam, x, args.dtype, args.iters, args.device)
+    print(f"  pytorch: {t_ms:9.1f} ms/image")
+    j_ms, j_out, compile_s = time_jax(params, cfg, x, args.dtype, args.iters, jax_platform)
+    print(f"  jax:     {j_ms:9.1f} ms/image (compile {compile_s:.1f} s)")
+    print(f"  ratio jax/pytorch: {j_ms / t_ms:.2f}")
+    print(f"  embedding max abs diff: {np.max(np.abs(j_out - t_out)):.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
