@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 
-import sentencepiece as spm
 
 _CORPUS = """A chat between a curious human and an artificial intelligence assistant.
 The assistant gives helpful, detailed, and polite answers to the human's questions.
@@ -16,31 +14,13 @@ Segment the wheels of the car, the back of the chair and the shade of the lamp."
 
 
 def make_tokenizer_files(folder: str, vocab_size: int) -> int:
-    """Writes a small SentencePiece ``tokenizer.model`` (LLaMA's settings: BPE, byte fallback,
-    dummy prefix, no whitespace collapsing) plus LISA's added tokens. Returns the [SEG] id."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS.splitlines() * 20), model_writer=model,
-        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, add_dummy_prefix=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-        minloglevel=2)
-    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
-        f.write(model.getvalue())
-    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    n = sp.get_piece_size()
-    added = {"[SEG]": n, "<im_start>": n + 1, "<im_end>": n + 2}
-    with open(os.path.join(folder, "added_tokens.json"), "w") as f:
-        json.dump(added, f)
-    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                   "pad_token": "<unk>"}, f)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 512, "tokenizer_class": "LlamaTokenizer",
-                   "legacy": True}, f)
-    if n != vocab_size:
-        raise AssertionError(f"SentencePiece made {n} pieces, expected {vocab_size}")
-    return added["[SEG]"]
+    """A small LLaMA-style tokenizer with LISA's added tokens. Returns the [SEG] id."""
+    from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
+
+    seg = build_tokenizer_folder(folder, _CORPUS.splitlines() * 20, vocab_size)
+    if seg != vocab_size:
+        raise AssertionError(f"SentencePiece made {seg} pieces, expected {vocab_size}")
+    return seg
 
 
 def write_sharded_safetensors(state: dict, folder: str, num_shards: int) -> None:

@@ -1,0 +1,88 @@
+"""The training input stream: seeded, resumable batches of fixed shape from an MMR-format split.
+
+Record ``i`` of a virtual ``epochs × records`` range is record ``i % n`` with its questions
+drawn by a generator seeded with ``(seed, i)``, so an item is a pure function of its index;
+grain (``data.loader.Loader``) shuffles and shards the range and its state is the whole
+iterator state. Each batch takes exactly ``images_per_batch`` examples, so nothing is held back
+between batches and the saved state resumes exactly. Examples that cannot fit the static
+shapes are skipped and counted, never truncated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+from m2sa_jax.data.loader import Loader
+from m2sa_jax.data.mmr import MMRDataset
+from m2sa_jax.data.pipeline import BatchShapes, collate, prepare_example
+from m2sa_jax.data.skips import SkipCounter
+from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from m2sa_jax.data.types import BadRecord
+
+
+class EpochSource:
+    """Random access over ``epochs`` passes of a dataset, each item seeded by its index."""
+
+    def __init__(self, dataset: MMRDataset, epochs: int, seed: int):
+        if len(dataset) == 0:
+            raise ValueError(f"{dataset.json_path}: no usable records")
+        self.dataset, self.epochs, self.seed = dataset, epochs, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.epochs
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self.seed, index])
+        return self.dataset.sample(index % len(self.dataset), rng)
+
+    def __repr__(self) -> str:
+        return f"EpochSource({self.dataset.json_path}, epochs={self.epochs}, seed={self.seed})"
+
+
+@dataclasses.dataclass
+class StreamConfig:
+    shapes: BatchShapes
+    sam_size: int
+    clip_size: int
+    max_length: int | None
+    read_threads: int = 2
+
+
+class TrainStream:
+    """Iterator of collated batches with ``get_state``/``set_state`` for checkpoints."""
+
+    def __init__(self, dataset: MMRDataset, tokenizer: LegacyLlamaTokenizer, cfg: StreamConfig,
+                 *, seed: int, epochs: int, skips: SkipCounter | None = None,
+                 shard_index: int | None = None, shard_count: int | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.skips = skips if skips is not None else SkipCounter()
+
+        def transform(sample):
+            ex = prepare_example(sample, tokenizer, sam_size=cfg.sam_size,
+                                 clip_size=cfg.clip_size, max_length=cfg.max_length)
+            why = cfg.shapes.fits(ex)
+            if why is not None:
+                raise BadRecord("does_not_fit_batch", f"{ex.record_id}: {why}")
+            return ex
+
+        self.loader = Loader(EpochSource(dataset, epochs, seed), seed=seed, transform=transform,
+                             shuffle=True, num_epochs=1, shard_index=shard_index,
+                             shard_count=shard_count, read_threads=cfg.read_threads,
+                             skips=self.skips)
+        self._it = iter(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        examples = [next(self._it) for _ in range(self.cfg.shapes.images)]
+        return collate(examples, self.cfg.shapes, self.tokenizer.pad_token_id)
+
+    def get_state(self) -> bytes:
+        return self._it.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        self._it.set_state(state)

@@ -1,0 +1,274 @@
+"""``train(config, workdir)``: the whole run — data, model, sharding, steps, checkpoints, logs,
+and the evaluation on the held-out split at the end.
+
+Resuming is automatic: if ``workdir/checkpoints`` holds a step, parameters, optimizer state,
+step, RNG and the data iterator's position are restored and the run continues where it
+stopped, producing the same subsequent losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2sa_jax.data.mmr import MMRDataset, mmr_split_path
+from m2sa_jax.data.pipeline import BatchShapes
+from m2sa_jax.data.skips import SkipCounter
+from m2sa_jax.data.train_stream import StreamConfig, TrainStream
+from m2sa_jax.models import lora as lora_lib
+from m2sa_jax.models.m2sa import M2SA
+from m2sa_jax.training import checkpoint as ckpt_lib
+from m2sa_jax.training import optim, setup, sharding
+from m2sa_jax.training.step import make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _lora_cfg(cfg):
+    lc = dict(cfg.train.lora)
+    if not lc.get("rank"):
+        return None
+    return lora_lib.LoraConfig(rank=int(lc["rank"]), alpha=float(lc["alpha"]),
+                               dropout=float(lc["dropout"]), targets=tuple(lc["targets"]))
+
+
+def build(cfg):
+    """Model config, initial variables, tokenizer and data roots for a config."""
+    if cfg.data.kind == "synthetic":
+        root, tok_dir = setup.synthetic_data(cfg)
+        images = os.path.join(root, "images")
+    else:
+        root, images, tok_dir = cfg.data.mmr_root, cfg.data.image_root, None
+    if cfg.model.init == "random":
+        if tok_dir is None:
+            raise ValueError("model.init=random needs a tokenizer folder (data.kind=synthetic "
+                             "builds one)")
+        tokenizer = setup.load_tokenizer(tok_dir, cfg.data.model_max_length)
+        config = setup.model_config_from_sizes(cfg, tokenizer.seg_token_id, len(tokenizer))
+        params = setup.random_params(config, cfg.seed)
+    else:
+        config, params, tok_dir = setup.init_from_checkpoints(cfg, cfg.seed)
+        tokenizer = setup.load_tokenizer(tok_dir, cfg.data.model_max_length)
+    return config, params, tokenizer, root, images
+
+
+def batch_shapes(cfg, conversations=None, images=None) -> BatchShapes:
+    ipb = images or cfg.data.images_per_batch
+    return BatchShapes(images=ipb, conversations=conversations or ipb * cfg.data.max_questions,
+                       token_buckets=tuple(cfg.data.token_buckets),
+                       max_targets=cfg.data.max_targets, mask_hw=tuple(cfg.data.mask_hw))
+
+
+def init_state(cfg, config, params, mesh):
+    lora_cfg = _lora_cfg(cfg)
+    variables = {"params": params}
+    if lora_cfg is not None:
+        variables["lora"] = lora_lib.init(jax.random.key(cfg.seed + 7), params, lora_cfg)
+    patterns = tuple(cfg.train.trainable) + (("lora/.*",) if lora_cfg else ())
+    labels = optim.label_tree(variables, patterns)
+    optimizer, schedule = optim.make_optimizer(
+        labels, lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps,
+        total_steps=cfg.train.steps, b1=cfg.train.b1, b2=cfg.train.b2,
+        weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm)
+    var_sh = sharding.param_shardings(variables, mesh)
+    variables = jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), variables),
+                               var_sh)
+    opt_state = jax.jit(optimizer.init)(variables)
+    rep = sharding.replicated(mesh)
+    state = dict(step=jnp.zeros((), jnp.int32), variables=variables, opt_state=opt_state,
+                 rng=jax.random.key_data(jax.random.key(cfg.seed)),
+                 nonfinite=jnp.zeros((), jnp.int32))
+    # One explicit layout for every leaf, used as the step's in- and out-shardings, so the
+    # donated state comes back exactly as it went in (no retracing between steps).
+    state_sh = dict(step=rep, variables=var_sh, rng=rep, nonfinite=rep,
+                    opt_state=jax.tree.map(lambda x: _opt_sharding(x, mesh), opt_state))
+    state = jax.device_put(state, state_sh)
+    return state, state_sh, optimizer, schedule, labels, lora_cfg
+
+
+def _opt_sharding(leaf, mesh):
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == mesh:
+        return sh
+    return sharding.replicated(mesh)
+
+
+def _train_stream(cfg, config, tokenizer, root, images, skips):
+    dataset = MMRDataset(mmr_split_path(root, "train"), images,
+                         max_questions=cfg.data.max_questions, prompt="train",
+                         released_pairing=cfg.data.released_pairing, skips=skips)
+    shapes = batch_shapes(cfg)
+    per_epoch = max(1, len(dataset) // shapes.images)
+    epochs = max(1, math.ceil(cfg.train.steps * cfg.train.grad_accum / per_epoch) + 1)
+    return TrainStream(dataset, tokenizer, StreamConfig(
+        shapes=shapes, sam_size=config.sam.img_size, clip_size=config.llava.vision.image_size,
+        max_length=cfg.data.model_max_length, read_threads=cfg.data.read_threads),
+        seed=cfg.seed, epochs=epochs, skips=skips)
+
+
+def _next_batch(stream, grad_accum):
+    if grad_accum == 1:
+        return next(stream)
+    micro = [next(stream) for _ in range(grad_accum)]
+    return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+
+
+def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Trains (resuming if possible), then evaluates. Returns a summary dict.
+
+    ``stop_after``: leave the loop after this many steps of *this* process (tests use it to
+    emulate a killed run; the checkpoint is saved as on SIGTERM).
+    """
+    from tqdm import tqdm
+    from tensorboardX import SummaryWriter
+
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.perf_counter()
+    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    config, params, tokenizer, root, images = build(cfg)
+    model = M2SA(config)
+    state, state_sh, optimizer, schedule, labels, lora_cfg = init_state(cfg, config, params, mesh)
+    del params
+    counts = optim.count_by_label(state["variables"], labels)
+    weights = dict(ce_weight=cfg.train.ce_weight, bce_weight=cfg.train.bce_weight,
+                   dice_weight=cfg.train.dice_weight)
+    step_fn = jax.jit(make_train_step(model, optimizer, labels, weights, lora_cfg,
+                                      cfg.train.grad_accum),
+                      in_shardings=(state_sh, None), out_shardings=(state_sh, None),
+                      donate_argnums=(0,))
+
+    skips = SkipCounter()
+    stream = _train_stream(cfg, config, tokenizer, root, images, skips)
+    ckpts = ckpt_lib.RunCheckpoints(os.path.join(workdir, "checkpoints"),
+                                    keep=cfg.train.keep_checkpoints)
+    start_step = 0
+    latest = ckpts.latest_step()
+    if latest is not None:
+        state, data_state = ckpts.restore(latest, ckpt_lib.abstract_like(state))
+        stream.set_state(data_state)
+        start_step = int(state["step"])
+        print(f"resumed from {ckpts.directory} at step {start_step}")
+    summary = dict(trainable_params=counts[optim.TRAINABLE], frozen_params=counts[optim.FROZEN],
+                   start_step=start_step)
+    print(f"model: {config.variant}, trainable {counts[optim.TRAINABLE]:,} / frozen "
+          f"{counts[optim.FROZEN]:,} parameters; mesh {dict(mesh.shape)}")
+    if evaluate_at_end and start_step == 0 and cfg.eval.get("before_training", True):
+        summary["untrained"] = evaluate_split(cfg, model, state, config, tokenizer, root, images,
+                                              None, progress=progress, label="untrained")
+
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    flag = ckpt_lib.StopFlag()
+    losses = []
+    bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", disable=not progress,
+               dynamic_ncols=True)
+    step = start_step
+    samples = 0
+    t_loop = time.perf_counter()
+    stopped = None
+    try:
+        while step < cfg.train.steps:
+            batch = _next_batch(stream, cfg.train.grad_accum)
+            state, m = step_fn(state, batch)
+            step += 1
+            samples += int(np.asarray(batch["conv_valid"]).sum())
+            m = jax.device_get(m)
+            losses.append(float(m["loss"]))
+            if int(state["nonfinite"]) >= cfg.train.max_nonfinite:
+                raise NonFiniteLoss(
+                    f"step {step}: the loss or its gradient was not finite for "
+                    f"{int(state['nonfinite'])} steps in a row (updates were skipped). Lower "
+                    f"train.lr, check the data (skipped records: {dict(skips.counts)}), or use "
+                    f"float32 compute; the last good state is in {ckpts.directory}.")
+            if not m["finite"]:
+                summary["nonfinite_steps"] = summary.get("nonfinite_steps", 0) + 1
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                lr = float(schedule(step))
+                rate = samples / max(time.perf_counter() - t_loop, 1e-9)
+                for k in ("loss", "ce", "bce", "dice", "grad_norm"):
+                    writer.add_scalar(f"train/{k}", float(m[k]), step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/samples_per_s", rate, step)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}",
+                                bce=f"{m['bce']:.3f}", dice=f"{m['dice']:.3f}", lr=f"{lr:.2e}",
+                                sps=f"{rate:.1f}")
+            bar.update(1)
+            minutes = (time.perf_counter() - t_start) / 60
+            if flag.stop or (stop_after is not None and step - start_step >= stop_after):
+                stopped = flag.signal or "stop_after"
+                break
+            if cfg.train.get("max_minutes") and minutes > cfg.train.max_minutes:
+                stopped = f"max_minutes={cfg.train.max_minutes}"
+                print(f"\nstopping at step {step}: the run reached train.max_minutes")
+                break
+            if step % cfg.train.checkpoint_every == 0:
+                ckpts.save(step, state, stream.get_state())
+    finally:
+        bar.close()
+        flag.restore()
+    ckpts.save(step, state, stream.get_state(), force=True)
+    ckpts.close()
+    writer.close()
+    summary.update(steps=step, losses=losses, stopped=stopped, skipped=dict(skips.counts),
+                   train_seconds=time.perf_counter() - t_loop)
+    if stopped in ("SIGTERM", "SIGINT", "stop_after"):
+        return summary
+    if evaluate_at_end:
+        summary["trained"] = evaluate_split(cfg, model, state, config, tokenizer, root, images,
+                                            os.path.join(workdir, "overlays"), progress=progress,
+                                            label="trained")
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "losses"}, f, indent=2)
+    summary["total_seconds"] = time.perf_counter() - t_start
+    return summary
+
+
+def merged_params(state, lora_cfg):
+    variables = state["variables"]
+    if lora_cfg is None or "lora" not in variables:
+        return variables["params"]
+    return lora_lib.merge(variables["params"], variables["lora"], lora_cfg)
+
+
+def evaluate_split(cfg, model, state, config, tokenizer, root, images, overlay_dir, *,
+                   progress=True, label=""):
+    """Teacher-forced gIoU/cIoU on the held-out split, overall and per granularity."""
+    from m2sa_jax.evaluation import runner
+
+    dataset = MMRDataset(mmr_split_path(root, cfg.eval.split), images, prompt="val")
+    samples = [dataset.sample(i, all_questions=True) for i in range(len(dataset))]
+    most = max((len(s.questions) for s in samples), default=1)
+    shapes = batch_shapes(cfg, conversations=cfg.eval.images_per_batch * most,
+                          images=cfg.eval.images_per_batch)
+    params = merged_params(state, _lora_cfg(cfg))
+    forward = runner.make_forward(model)
+    metrics, skips, stats = runner.evaluate(
+        forward, {"params": params}, samples, tokenizer, shapes, split=cfg.eval.split,
+        sam_size=config.sam.img_size, clip_size=config.llava.vision.image_size,
+        overlay_dir=overlay_dir, overlays=cfg.eval.overlays, progress=progress,
+        total=len(samples))
+    result = metrics.result()[cfg.eval.split]
+    print_table(result, title=f"{label} model, {cfg.eval.split} split (teacher-forced)")
+    if skips.total:
+        print(f"skipped records: {dict(skips.counts)}")
+    if overlay_dir:
+        print(f"overlays: {os.path.abspath(overlay_dir)}")
+    return dict(metrics=result, stats=stats, skipped=dict(skips.counts))
+
+
+def print_table(result: dict, title: str = "") -> None:
+    if title:
+        print(title)
+    print(f"  {'targets':<8} {'gIoU':>7} {'cIoU':>7} {'masks':>7}")
+    for group in ("all", "object", "part"):
+        r = result.get(group)
+        if r:
+            print(f"  {group:<8} {r['giou']:7.3f} {r['ciou']:7.3f} {r['masks']:7d}")

@@ -1,0 +1,202 @@
+"""From an experiment config to the things a run needs: model config, tokenizer, parameters.
+
+Initial weights come from converted checkpoints: a LISA/M²SA directory to continue
+(``model.checkpoint``), or a LLaVA directory plus a SAM directory for a fresh M²SA
+(``model.llava_checkpoint`` + ``model.sam_checkpoint``; text_hidden_fcs and compress_vit start
+random, the vocabulary grows by the added tokens). ``model.init = "random"`` builds everything
+from the config's sizes (the synthetic demo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from m2sa_jax.models import clip, llama, llava
+from m2sa_jax.models.m2sa import M2SA, M2SAConfig, abstract_params
+from m2sa_jax.models.sam import sam_config
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _compute(cfg):
+    return DTYPES[cfg.model.get("compute_dtype", "float32")]
+
+
+def model_config_from_sizes(cfg, seg_token_id: int, vocab_size: int) -> M2SAConfig:
+    """M2SAConfig from the config's explicit sizes (random init)."""
+    dt = _compute(cfg)
+    text = llama.LlamaConfig(vocab_size=vocab_size, dtype=dt, **dict(cfg.model.llm))
+    vision = clip.CLIPVisionConfig(dtype=dt, **dict(cfg.model.clip))
+    sam_fields = dict(cfg.model.sam)
+    model_type = sam_fields.pop("model_type", "vit_h")
+    if "global_attn_indexes" in sam_fields:
+        sam_fields["global_attn_indexes"] = tuple(sam_fields["global_attn_indexes"])
+    sam = sam_config(model_type, use_compress_vit=cfg.model.variant == "m2sa", **sam_fields)
+    return M2SAConfig(llava=llava.LlavaConfig(text=text, vision=vision), sam=sam,
+                      seg_token_id=seg_token_id, variant=cfg.model.variant, dtype=dt)
+
+
+def with_run_options(config: M2SAConfig, cfg) -> M2SAConfig:
+    """Applies how-to-run options (compute dtype, scan, remat) to a loaded model config."""
+    dt = _compute(cfg)
+    llm = dict(cfg.model.get("llm", {}))
+    text = dataclasses.replace(config.llava.text, dtype=dt,
+                               scan_layers=llm.get("scan_layers", config.llava.text.scan_layers),
+                               remat_policy=llm.get("remat_policy", config.llava.text.remat_policy))
+    vision = dataclasses.replace(config.llava.vision, dtype=dt)
+    lv = dataclasses.replace(config.llava, text=text, vision=vision)
+    return dataclasses.replace(config, llava=lv, dtype=dt)
+
+
+def random_params(config: M2SAConfig, seed: int) -> dict:
+    """Every parameter from the modules' own initialisers (plus the converted-only leaves that
+    the forward never reads, e.g. the last CLIP layer, from the same initialisers)."""
+    model = M2SA(config)
+    shapes = abstract_params(config)
+    v, s = config.llava.vision, config.sam
+    rows = config.llava.num_image_rows
+    ids = np.zeros((1, 4), np.int32)
+    ids[0, 1] = config.llava.image_token_index
+    ids[0, 2] = config.seg_token_id
+
+    def init(key):
+        return model.init(
+            key, jnp.zeros((1, s.img_size, s.img_size, 3)),
+            jnp.zeros((1, v.image_size, v.image_size, 3)), jnp.asarray(ids),
+            jnp.ones((1, 4), bool), jnp.zeros((1,), jnp.int32),
+            jnp.full((1, 2), s.img_size, jnp.int32), jnp.full((1, 2), s.img_size, jnp.int32),
+            targets_per_question=1, mask_hw=(8, 8))["params"]
+
+    params = jax.jit(init)(jax.random.key(seed))
+    del rows
+    full_clip = clip.CLIPVisionModel(v).init(jax.random.key(seed + 1),
+                                             jnp.zeros((1, v.image_size, v.image_size, 3)))
+    params = dict(params)
+    params["llava"] = dict(params["llava"], vision_tower=full_clip["params"])
+    # SAM leaves of paths this forward does not take (the mask-prompt convs) from SAM's own init.
+    from checkpoints_convert.table import flatten, unflatten
+    from m2sa_jax.models.sam import init_params as sam_init
+
+    flat = flatten(params)
+    for k, v in flatten({"sam": sam_init(s, seed + 2)}).items():
+        flat.setdefault(k, v)
+    params = unflatten(flat)
+    _check_tree(params, shapes)
+    return params
+
+
+def _check_tree(params, shapes):
+    from checkpoints_convert.table import flatten
+
+    got, want = flatten(params), flatten(shapes)
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"parameter tree mismatch: missing {missing[:10]}, unexpected {extra[:10]}")
+
+
+def extend_rows(table: np.ndarray, new_rows: int) -> np.ndarray:
+    """Grows an embedding / lm_head table to ``new_rows`` rows, new rows = mean of the old
+    (LLaVA's initialize_vision_tokenizer). ``table`` is [V, d] (embedding) layout."""
+    v, d = table.shape
+    if new_rows < v:
+        raise ValueError(f"cannot shrink a vocabulary from {v} to {new_rows} rows")
+    if new_rows == v:
+        return table
+    mean = np.asarray(table, np.float32).mean(axis=0, keepdims=True)
+    return np.concatenate([np.asarray(table), np.repeat(mean, new_rows - v, 0).astype(table.dtype)])
+
+
+def load_tokenizer(folder: str, model_max_length: int | None = None) -> LegacyLlamaTokenizer:
+    return LegacyLlamaTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+def init_from_checkpoints(cfg, seed: int):
+    """(M2SAConfig, params, tokenizer folder) from converted checkpoints (see module doc)."""
+    from checkpoints_convert.m2sa import meta_to_config
+    from m2sa_jax.params_io import load_meta, load_params
+
+    if cfg.model.checkpoint:
+        meta = load_meta(cfg.model.checkpoint)
+        if meta.get("model") != "m2sa":
+            raise ValueError(f"model.checkpoint={cfg.model.checkpoint} holds a "
+                             f"{meta.get('model')!r} model; continuing needs a converted LISA/M²SA")
+        config = with_run_options(meta_to_config(meta), cfg)
+        if config.variant != cfg.model.variant:
+            config = dataclasses.replace(config, variant=cfg.model.variant)
+        params = load_params(cfg.model.checkpoint)
+        if cfg.model.variant == "m2sa" and "compress_vit_conv0" not in params["sam"]["mask_decoder"]:
+            fresh = random_params(config, seed)
+            params["sam"]["mask_decoder"].update(
+                {k: v for k, v in fresh["sam"]["mask_decoder"].items() if k.startswith("compress_vit")})
+        return config, params, cfg.model.checkpoint
+    if not (cfg.model.llava_checkpoint and cfg.model.sam_checkpoint):
+        raise ValueError("set model.checkpoint (a converted LISA/M²SA to continue) or both "
+                         "model.llava_checkpoint and model.sam_checkpoint (a fresh M²SA), or "
+                         "model.init=random")
+    from m2sa_jax.models.sam import SamConfig
+
+    lmeta, smeta = load_meta(cfg.model.llava_checkpoint), load_meta(cfg.model.sam_checkpoint)
+    if lmeta.get("model") != "llava" or smeta.get("model") != "sam":
+        raise ValueError("model.llava_checkpoint must be a converted LLaVA and "
+                         "model.sam_checkpoint a converted SAM")
+    tok = load_tokenizer(cfg.model.llava_checkpoint)       # adds [SEG] etc. if missing
+    text = llama.LlamaConfig.from_hf(lmeta["text_config"], scan_layers=lmeta["scan_layers"])
+    text = dataclasses.replace(text, vocab_size=len(tok))
+    vision = clip.CLIPVisionConfig.from_hf(lmeta["vision_config"])
+    lv = llava.LlavaConfig(text=text, vision=vision, projector_type=lmeta["projector_type"],
+                           image_token_index=lmeta["image_token_index"],
+                           vision_feature_layer=lmeta["vision_feature_layer"])
+    sam = SamConfig.from_dict(smeta.get("config") or sam_config(smeta["model_type"]).to_dict())
+    config = with_run_options(M2SAConfig(llava=lv, sam=sam, seg_token_id=tok.seg_token_id,
+                                         variant=cfg.model.variant), cfg)
+    fresh = random_params(config, seed)
+    llava_params = load_params(cfg.model.llava_checkpoint)
+    lm = llava_params["language_model"]
+    lm["embed_tokens"]["embedding"] = extend_rows(lm["embed_tokens"]["embedding"], len(tok))
+    if "lm_head" in lm:
+        lm["lm_head"]["kernel"] = extend_rows(np.asarray(lm["lm_head"]["kernel"]).T, len(tok)).T
+    sam_params = load_params(cfg.model.sam_checkpoint)
+    md = sam_params["mask_decoder"]
+    for k, v in fresh["sam"]["mask_decoder"].items():
+        md.setdefault(k, v)                                   # compress_vit starts random
+    params = {"llava": llava_params, "sam": sam_params, "text_hidden_fcs": fresh["text_hidden_fcs"]}
+    _check_tree(params, abstract_params(config))
+    return config, params, cfg.model.llava_checkpoint
+
+
+def synthetic_data(cfg) -> tuple[str, str]:
+    """Generates the synthetic dataset and its tokenizer on first use. Returns (root, tokenizer
+    folder)."""
+    from m2sa_jax.data import synthetic
+    from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
+
+    root = cfg.data.root
+    tok_dir = os.path.join(root, "tokenizer")
+    marker = os.path.join(root, "COMPLETE")
+    want = f"{cfg.data.train_images} {cfg.data.val_images} {cfg.data.generator_seed} {cfg.data.vocab_size}"
+    if not (os.path.isfile(marker) and open(marker).read() == want):
+        synthetic.generate(root, cfg.data.train_images, cfg.data.val_images,
+                           seed=cfg.data.generator_seed)
+        corpus = []
+        import json
+
+        for split in ("train", "val"):
+            with open(os.path.join(root, f"MMR_{split}.json")) as f:
+                for rec in json.load(f):
+                    corpus += rec["questions"] + [a.format(seg="") for a in rec["text_answers"]]
+        from m2sa_jax.data import templates
+
+        corpus += list(templates.long_questions(expand=True)) + [templates.VAL_QUESTION_TEMPLATE]
+        corpus += ["A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's "
+                   "questions. USER: ASSISTANT:"] * 50
+        build_tokenizer_folder(tok_dir, corpus, cfg.data.vocab_size, cfg.data.model_max_length)
+        with open(marker, "w") as f:
+            f.write(want)
+    return root, tok_dir
