@@ -268,8 +268,6 @@ def run(src: str, dst: str, *, scan: bool = False, dtype: str | None = None) -> 
     """Converts ``src`` into ``dst`` (orbax params + m2sa_meta.json + tokenizer files)."""
     import ml_dtypes
 
-    from m2sa_jax.params_io import save_params
-
     np_dtype = {None: None, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}[dtype]
     os.makedirs(dst, exist_ok=True)
@@ -280,7 +278,7 @@ def run(src: str, dst: str, *, scan: bool = False, dtype: str | None = None) -> 
             if isinstance(leaf, np.memmap):
                 leaf.flush()
         params = _reopen_readonly(params)
-        save_params(dst, params, _config_meta(layout, config, scan, dtype))
+        save_streaming(dst, params, _config_meta(layout, config, scan, dtype))
         del params
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -289,6 +287,37 @@ def run(src: str, dst: str, *, scan: bool = False, dtype: str | None = None) -> 
         if os.path.isfile(p):
             shutil.copy2(p, os.path.join(dst, name))
     return dst
+
+
+def save_streaming(dst: str, params, meta) -> None:
+    """Writes the same orbax checkpoint as ``params_io.save_params``, one array at a time.
+
+    orbax's default numpy handler deep-copies every host array and writes them all
+    concurrently, so saving needs about twice the tree in anonymous memory (52 GB for 13B in
+    bfloat16). Here the arrays (memory-mapped files) are neither copied nor written
+    concurrently: resident memory stays near one array.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers as th
+
+    from m2sa_jax.params_io import META_FILE, PARAMS_DIR
+
+    class _SequentialNumpyHandler(th.NumpyHandler):
+        async def _background_serialize(self, values, infos, args=None):
+            args = args or [ocp.SaveArgs()] * len(values)
+            for value, info, arg in zip(values, infos, args):
+                await super()._background_serialize([value], [info], [arg])
+
+    registry = th.create_type_handler_registry(
+        (np.ndarray, _SequentialNumpyHandler(deepcopy_host_arrays=False)),
+        (np.number, th.ScalarHandler()), (int, th.ScalarHandler()),
+        (float, th.ScalarHandler()), (jax.Array, th.ArrayHandler()))
+    dst = os.path.abspath(dst)
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    checkpointer.save(os.path.join(dst, PARAMS_DIR), params, force=True)
+    with open(os.path.join(dst, META_FILE), "w") as f:
+        json.dump(dict(meta), f, indent=2, sort_keys=True)
 
 
 def _leaves(tree):
