@@ -10,6 +10,7 @@ difference of the image embeddings (a float32 sanity check of the shared weights
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -56,8 +57,8 @@ def time_torch(sam, x, dtype: str, iters: int, device: str):
 
     enc = sam.image_encoder
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
-    if dtype == "bfloat16":
-        enc = enc.to(torch.bfloat16)
+    if dtype == "bfloat16":  # a bf16 copy; the float32 weights stay intact for other runs
+        enc = copy.deepcopy(enc).to(torch.bfloat16)
         xt = xt.to(torch.bfloat16)
 
     def sync():
@@ -72,8 +73,6 @@ def time_torch(sam, x, dtype: str, iters: int, device: str):
             out = enc(xt)
         sync()
         ms = (time.perf_counter() - t0) * 1000 / iters
-    if dtype == "bfloat16":
-        enc.to(torch.float32)
     return ms, out.float().permute(0, 2, 3, 1).cpu().numpy()
 
 

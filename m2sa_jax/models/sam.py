@@ -281,7 +281,9 @@ class EncoderAttention(nn.Module):
         logits = logits + rel_h[..., :, None] + rel_w[..., None, :]
         logits = logits.reshape(b, self.num_heads, h * w, h * w).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, h, w, c)
+        # heads-major v: XLA:CPU runs this contraction ~3× faster than on [B, HW, heads, hd]
+        out = jnp.einsum("bnqk,bnkd->bnqd", probs, v.transpose(0, 2, 1, 3))  # [B, heads, HW, hd]
+        out = out.transpose(0, 2, 1, 3).reshape(b, h, w, c)
         return _dense(c, self.dtype, "proj")(out)
 
 
