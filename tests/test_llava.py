@@ -157,6 +157,19 @@ def test_llava_hf_forward_matches_its_own(tmp_path):
         assert err <= 1e-4
 
 
+def test_v1_export_gives_back_the_checkpoint(v1_folder):
+    from checkpoints_convert.io import iter_checkpoint
+
+    folder = v1_folder[0]
+    params, layout, config = convert_llava.convert_folder(folder)
+    exported = dict(convert_llava.export_params(params, layout, config, scan=False))
+    source = dict(iter_checkpoint(folder))
+    skipped = {k for k in source if k.endswith("position_ids")}
+    assert set(exported) == set(source) - skipped
+    for k, v in exported.items():
+        np.testing.assert_array_equal(v, source[k])
+
+
 def test_unknown_layout_names_what_is_missing():
     keys = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
             "model.mm_projector.weight"]

@@ -151,11 +151,22 @@ def llava_config_from_hf(cfg: Mapping[str, Any], **text_overrides) -> LlavaConfi
     ``mm_*`` fields) or llava-hf (``text_config`` / ``vision_config``)."""
     cfg = dict(cfg)
     if "text_config" in cfg:  # llava-hf LlavaForConditionalGeneration
+        strategy = cfg.get("vision_feature_select_strategy", "default")
+        layer = cfg.get("vision_feature_layer", -2)
+        if strategy != "default" or not isinstance(layer, int) \
+                or not cfg.get("multimodal_projector_bias", True) \
+                or cfg.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(
+                f"config.json: only llava-hf models with one vision_feature_layer, "
+                f"vision_feature_select_strategy 'default', a GELU projector with biases are "
+                f"supported (got layer {layer!r}, strategy {strategy!r}, "
+                f"projector_hidden_act {cfg.get('projector_hidden_act')!r}, "
+                f"multimodal_projector_bias {cfg.get('multimodal_projector_bias', True)!r})")
         text = llama.LlamaConfig.from_hf(cfg["text_config"], **text_overrides)
         vision = clip.CLIPVisionConfig.from_hf(cfg["vision_config"])
         return LlavaConfig(text=text, vision=vision, projector_type="mlp2x_gelu",
                            image_token_index=cfg.get("image_token_index", cfg.get("image_token_id")),
-                           vision_feature_layer=cfg.get("vision_feature_layer", -2))
+                           vision_feature_layer=layer)
     text = llama.LlamaConfig.from_hf(cfg, **text_overrides)
     if "vision_config" in cfg:
         vision = clip.CLIPVisionConfig.from_hf(cfg["vision_config"])
