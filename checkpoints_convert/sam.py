@@ -169,7 +169,8 @@ def _np_dtype(name: str):
 def _to_jax(args) -> int:
     from m2sa_jax.params_io import save_params
 
-    state = dict(iter_checkpoint(args.src))
+    # Only SAM's tensors are kept (a LISA / M²SA folder also streams the whole LLM past).
+    state = {k: v for k, v in iter_checkpoint(args.src) if k.startswith(args.prefix)}
     config = infer_config(state, args.prefix, args.model_type)
     params = convert_sam(state.items(), config, prefix=args.prefix,
                          dtype=_np_dtype(args.dtype), name=args.src)

@@ -141,3 +141,20 @@ def test_parameter_counts_match_pytorch(model_type):
     # "auto" recognises the named model from shapes alone
     state = {k: np.empty(v.shape) for k, v in ref.state_dict().items()}
     assert infer_config(state) == sam_config(model_type)
+
+
+def test_cli_hf_folder_with_prefix(tiny_pth, tmp_path):
+    """A LISA / M²SA-style folder: SAM under model.visual_model., other models' keys beside it."""
+    from safetensors.torch import save_file
+
+    _, state = tiny_pth
+    folder = tmp_path / "m2sa_hf"
+    folder.mkdir()
+    tensors = {f"model.visual_model.{k}": v.contiguous() for k, v in state.items()}
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(8, 8)
+    save_file(tensors, str(folder / "model.safetensors"))
+    dst = tmp_path / "sam_from_folder"
+    assert cli(["sam", "--src", str(folder), "--dst", str(dst), "--prefix", "model.visual_model."]) == 0
+    got = load_params(str(dst), expected=abstract_params(TINY))
+    want = convert_sam(state_items_from(state), TINY)
+    jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -129,8 +129,7 @@ class LayerNorm(nn.Module):
 
 
 def _dense(features, dtype, name, use_bias=True):
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    precision=None, name=name)
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def _conv(features, kernel, stride, padding, dtype, name, use_bias=True):
