@@ -31,7 +31,6 @@ sys.path.insert(0, ROOT)
 
 def write_checkpoint(folder: str, hidden: int, layers: int, fmt: str, shard_gb: float) -> int:
     """Random float32 LLaMA weights, sharded like save_pretrained; returns bytes written."""
-    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -84,7 +83,6 @@ def write_checkpoint(folder: str, hidden: int, layers: int, fmt: str, shard_gb: 
     shards.clear()
     with open(os.path.join(folder, index), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    del np
     return total
 
 
