@@ -183,3 +183,53 @@ def test_rows_without_exactly_one_image_token_are_refused(v1_folder):
     ids = np.array([[5, 6, 7], [5, -200, -200]])
     with pytest.raises(ValueError, match=r"rows \[0, 1\] hold \[0, 2\] image tokens"):
         llava.check_image_tokens(ids, -200)
+
+
+def test_mlp2x_gelu_projector_matches_pytorch():
+    """LLaVA-1.5's projector as LLaVA's own checkpoints name it (mm_projector.0 / .2)."""
+    from checkpoints_convert.table import convert
+    from m2sa_jax.models import clip, llama
+
+    torch.manual_seed(3)
+    ref = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+    state = {f"model.mm_projector.{k}": v.detach().numpy() for k, v in ref.state_dict().items()}
+    config = llava.LlavaConfig(text=llama.LlamaConfig(hidden_size=64),
+                               vision=clip.CLIPVisionConfig(hidden_size=32),
+                               projector_type="mlp2x_gelu")
+    projector = llava.Projector(config)
+    x = np.random.RandomState(0).randn(2, 5, 32).astype(np.float32)
+    shapes = jax.eval_shape(lambda: projector.init(jax.random.key(0), x))["params"]
+    params = convert(state.items(), convert_llava.projector_rules("model.mm_projector.",
+                                                                  "mlp2x_gelu", target=""),
+                     shapes, name="projector")
+    with torch.no_grad():
+        want = ref(torch.tensor(x)).numpy()
+    got = np.asarray(projector.apply({"params": params}, jnp.asarray(x)))
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_multimodal_prompt_generation(v1_folder):
+    """Right-padded multimodal prefill (spliced embeddings) decodes each row as if alone, and
+    the first token is the PyTorch composition's argmax after the prompt."""
+    from m2sa_jax.evaluation.decode import Generator
+
+    folder, lm, tower, projector = v1_folder
+    params, _, config = convert_llava.convert_folder(folder)
+    ids, mask, px = _batch(llava.IMAGE_TOKEN_INDEX, seed=4)
+    refs = _reference_v1(lm, tower, projector, ids, mask, px)
+    model = llava.Llava(config)
+
+    def embed(p, ids, px, mask):
+        rows = model.apply(p, px, method=model.encode_images)["image_rows"]
+        return model.apply(p, ids, mask, rows, method=model.embed_multimodal)
+
+    mm = jax.jit(embed)({"params": params}, jnp.asarray(ids),
+                        jnp.asarray(px.transpose(0, 2, 3, 1)), jnp.asarray(mask))
+    gen = Generator(config.text, max_new_tokens=6, eos_id=None, bucket=32)
+    lm_params = params["language_model"]
+    batch = gen(lm_params, inputs_embeds=mm["inputs_embeds"], attention_mask=mm["attention_mask"])
+    for b, ref in enumerate(refs):
+        n = len(ref)
+        alone = gen(lm_params, inputs_embeds=mm["inputs_embeds"][b:b + 1, :n])
+        np.testing.assert_array_equal(batch["tokens"][b], alone["tokens"][0])
+        assert batch["tokens"][b, 0] == ref[-1].argmax()
