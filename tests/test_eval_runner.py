@@ -1,0 +1,368 @@
+"""eval.py and the evaluation runner: command line on fixture MMR files (converted tiny M²SA) and
+on the synthetic val split (a tiny trained workdir), teacher-forced metrics against a direct
+per-question computation, no recompilation across batches, resume after a kill, 2-host
+coverage, and the generate protocol's miss / extra accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from checkpoints_convert.__main__ import main as convert_main
+from m2sa_jax.data.pipeline import BatchShapes, collate, prepare_example
+from m2sa_jax.data.skips import SkipCounter
+from m2sa_jax.evaluation import benchmarks, generate_eval, runner
+from m2sa_jax.evaluation.metrics import SegmentationMetrics, iou_from_counts
+from m2sa_helpers import write_tiny_m2sa_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = [(48, 64), (64, 40), (56, 56), (40, 72), (64, 64)]
+
+
+def _rle(mask):
+    from pycocotools import mask as mask_utils
+
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
+
+
+def _ann(image_id, name, mask):
+    return {"bbox": [0, 0, 1, 1], "segmentation": _rle(mask), "image_id": image_id,
+            "category_name": name, "category_id": 1, "sorted_category_id": 1}
+
+
+def write_mmr_fixture(root, split="val"):
+    """MMR_<split>.json (SPEC §6 layout) with 5 records, 1–3 questions of 1–3 targets each
+    (objects and parts), one record whose answer has fewer {seg} than masks, one whose image
+    is missing; JPEG images under root/coco."""
+    rng = np.random.default_rng(0)
+    coco = os.path.join(root, "coco")
+    os.makedirs(coco, exist_ok=True)
+    records = []
+    names = ["dog", "dog:ear", "car_(automobile)", "car_(automobile):wheel", "cup:handle"]
+    for k, (h, w) in enumerate(SIZES):
+        file_name = f"{k + 1:012d}.jpg"
+        img = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(coco, file_name), quality=95)
+        questions, answers, texts = [], [], []
+        for q in range(1 + k % 3):
+            n = 1 + (k + q) % 3
+            masks = [rng.random((h, w)) < 0.4 for _ in range(n)]
+            if k == 2 and q == 0:
+                masks[0][:] = False                         # an empty target
+            picked = [names[(k + q + j) % len(names)] for j in range(n)]
+            questions.append(f"Which part is number {q} of picture {k}?")
+            answers.append([_ann(k + 1, nm, m) for nm, m in zip(picked, masks)])
+            texts.append(" and ".join(f"the {nm.split(':')[-1]} {{seg}}" for nm in picked))
+        records.append({"file_name": file_name, "height": h, "width": w, "image_id": k + 1,
+                        "not_exhaustive_category_ids": [], "neg_category_ids": [],
+                        "coco_url": "http://example/x.jpg", "questions": questions,
+                        "answers": answers, "text_answers": texts,
+                        "raw_answers": [t.replace("{seg}", "") for t in texts]})
+    bad = json.loads(json.dumps(records[0]))
+    bad["image_id"], bad["text_answers"] = 90, ["only one {seg}"] * len(bad["questions"])
+    bad["answers"] = [a + a for a in bad["answers"]]
+    missing = json.loads(json.dumps(records[1]))
+    missing["image_id"], missing["file_name"] = 91, "000000000404.jpg"
+    with open(os.path.join(root, benchmarks.MMR_SPLITS[split]), "w") as f:
+        json.dump(records + [bad, missing], f)
+    return coco
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    src, dst = tmp / "hf", tmp / "converted"
+    write_tiny_m2sa_folder(str(src), "m2sa", sam_depth=2, global_attn=(1,), img_size=128)
+    assert convert_main(["m2sa", "--src", str(src), "--dst", str(dst)]) == 0
+    coco = write_mmr_fixture(str(tmp))
+    import m2sa_jax
+
+    predictor = m2sa_jax.load(str(dst))
+    samples, reader_skips = benchmarks.mmr(str(tmp), coco, "val")
+    return dict(tmp=tmp, dst=dst, coco=coco, predictor=predictor, samples=samples,
+                reader_skips=reader_skips)
+
+
+def _cfg(fixture, **eval_overrides):
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import synthetic
+
+    cfg = synthetic.get_config()
+    cfg.data.kind = "mmr"
+    cfg.eval.checkpoint = str(fixture["dst"])
+    cfg.eval.mmr_root = str(fixture["tmp"])
+    cfg.eval.image_root = fixture["coco"]
+    cfg.eval.images_per_batch = 2
+    cfg.eval.overlays = 0
+    cfg.eval.read_threads = 0
+    cfg.eval.token_buckets = (192,)
+    cfg.eval.update(eval_overrides)
+    return cfg
+
+
+def _direct_metrics(fixture) -> SegmentationMetrics:
+    """Each question alone (a batch of one image and one question) through the predictor's
+    teacher-forced forward, IoU counted in NumPy on the image's own extent."""
+    pred = fixture["predictor"]
+    tok = pred.tokenizer
+    inter, union, ids, kinds = [], [], [], []
+    for s in fixture["samples"]:
+        ex = prepare_example(runner.eval_sample(s), tok, sam_size=pred.config.sam.img_size,
+                             clip_size=pred.config.llava.vision.image_size)
+        h, w = ex.original_hw
+        for k in range(len(ex.conversations)):
+            one = dataclass_replace_one(ex, k)
+            n = len(ex.masks[k])
+            batch = collate([one], BatchShapes(images=1, conversations=1, token_buckets=(192,),
+                                               max_targets=3, mask_hw=(64, 72)), tok.pad_token_id)
+            logits = np.asarray(pred.teacher_forced(batch)["mask_logits"])[:n, :h, :w]
+            p, g = logits > 0, ex.masks[k]
+            inter += list((p & g).reshape(n, -1).sum(1))
+            union += list((p | g).reshape(n, -1).sum(1))
+            ids += [s.record_id] * n
+            kinds += ex.kinds[k]
+    m = SegmentationMetrics()
+    m.update("val", np.array(inter), np.array(union), ids, kinds)
+    return m, np.array(inter), np.array(union)
+
+
+def dataclass_replace_one(ex, k):
+    import dataclasses
+
+    return dataclasses.replace(ex, conversations=[ex.conversations[k]], masks=[ex.masks[k]],
+                               labels=[ex.labels[k]], kinds=[ex.kinds[k]],
+                               questions=[ex.questions[k]])
+
+
+def test_eval_cli_on_fixture_mmr_equals_direct_computation(fixture):
+    out = fixture["tmp"] / "cli_out"
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--config",
+           os.path.join(ROOT, "configs", "synthetic.py"), "--config.data.kind=mmr",
+           f"--config.eval.checkpoint={fixture['dst']}", "--config.eval.dataset=mmr",
+           "--config.eval.split=val", f"--config.eval.mmr_root={fixture['tmp']}",
+           f"--config.eval.image_root={fixture['coco']}", "--config.eval.images_per_batch=2",
+           "--config.eval.overlays=1", "--config.eval.token_buckets=(192,)",
+           f"--workdir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    assert "gIoU" in proc.stdout and "cIoU" in proc.stdout
+    summary = json.loads((out / "metrics_mmr_val_teacher_forced.json").read_text())
+    assert summary["skipped"] == {"seg_count": 1, "missing_image": 1}
+    samples = fixture["samples"]
+    assert summary["counts"] == {"images": len(samples),
+                                 "questions": sum(len(s.questions) for s in samples),
+                                 "masks": sum(s.num_targets for s in samples)}
+    assert summary["samples_per_s"] > 0
+    assert len(os.listdir(out / "overlays_mmr_val_teacher_forced")) == 1
+
+    direct, inter, union = _direct_metrics(fixture)
+    want = direct.result()["val"]
+    got = summary["metrics"]
+    for group in ("all", "object", "part"):
+        for key in ("masks", "intersection", "union", "records"):
+            assert got[group][key] == want[group][key], (group, key)
+        assert got[group]["giou"] == pytest.approx(want[group]["giou"], abs=1e-12)
+        assert got[group]["ciou"] == pytest.approx(want[group]["ciou"], abs=1e-12)
+    assert got["all"]["giou"] == pytest.approx(iou_from_counts(inter, union).mean(), abs=1e-12)
+    assert got["all"]["ciou"] == pytest.approx(inter.sum() / union.sum(), abs=1e-12)
+    assert 0 < got["all"]["ciou"] < 1
+
+
+def _same_results(a: SegmentationMetrics, b: SegmentationMetrics) -> None:
+    """Equal pixel counts, masks and records; gIoU / cIoU equal up to the order of summation."""
+    ra, rb = a.result(), b.result()
+    assert ra.keys() == rb.keys()
+    for split in ra:
+        assert ra[split].keys() == rb[split].keys()
+        for group, x in ra[split].items():
+            y = rb[split][group]
+            for key in x:
+                if isinstance(x[key], float):
+                    assert x[key] == pytest.approx(y[key], rel=1e-12), (group, key)
+                else:
+                    assert x[key] == y[key], (group, key)
+    assert a.done_records("val") == b.done_records("val")
+
+
+def test_batches_compile_once_and_resume_and_hosts_match(fixture, tmp_path):
+    pred = fixture["predictor"]
+    samples = fixture["samples"]
+    cfg = _cfg(fixture)
+    shapes = runner.eval_shapes(cfg, samples, jax.local_device_count())
+    kw = dict(split="val", sam_size=pred.config.sam.img_size,
+              clip_size=pred.config.llava.vision.image_size, progress=False)
+    mesh = runner.data_mesh()
+    variables = runner.replicate({"params": pred.params}, mesh)
+    forward = runner.make_forward(pred.model, max_traces=1)    # a retrace would raise
+    full, skips, stats = runner.evaluate(forward, variables, samples, pred.tokenizer, shapes,
+                                         mesh=mesh, **kw)
+    assert stats["batches"] >= 3 and not skips.counts
+    # Different token lengths and image sizes went through one compiled forward.
+    assert forward._cache_size() == 1
+
+    # Killed after two records, resumed: the same totals, each record once.
+    results = runner.ResultsFile(str(tmp_path / "results.json"), key={"run": "test"})
+
+    def killed():
+        yield from samples[:3]
+        raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate(forward, variables, killed(), pred.tokenizer, shapes, mesh=mesh,
+                        results=results, save_every=1, **kw)
+    partial = SegmentationMetrics.from_state_dict(results.load()["metrics"])
+    assert 0 < len(partial.done_records("val")) < len(samples)
+    resumed, _, rstats = runner.evaluate(forward, variables, samples, pred.tokenizer, shapes,
+                                         mesh=mesh, results=results, save_every=1, **kw)
+    _same_results(resumed, full)
+    assert (rstats["images"], rstats["questions"], rstats["masks"]) == (
+        stats["images"], stats["questions"], stats["masks"])
+    with pytest.raises(ValueError, match="another evaluation"):
+        runner.ResultsFile(results.path, key={"run": "other"}).load()
+
+    # Two simulated hosts: disjoint shares covering every record, merged = one host.
+    shares = [runner.host_records(samples, i, 2) for i in range(2)]
+    ids = [s.record_id for share in shares for s in share]
+    assert sorted(ids) == sorted(s.record_id for s in samples) and len(set(ids)) == len(ids)
+    parts = [runner.evaluate(forward, variables, share, pred.tokenizer, shapes, mesh=mesh,
+                             **kw)[0] for share in shares]
+    merged = SegmentationMetrics.merged(parts)
+    _same_results(merged, full)
+    with pytest.raises(ValueError, match="exactly one host"):
+        SegmentationMetrics.merged([parts[0], parts[0]])
+
+
+def test_generate_protocol_counts_misses_and_extras():
+    gt = np.zeros((3, 4, 5), bool)
+    gt[0, :2] = True                  # 10 px
+    gt[1, 2:, :2] = True              # 4 px
+    gt[2, 3, 4] = True                # 1 px
+    pred = np.zeros((1, 4, 5), bool)
+    pred[0, :1] = True                # 5 px inside target 0
+    inter, union, missing, extra = generate_eval.score_question(gt, pred)
+    np.testing.assert_array_equal(inter, [5, 0, 0])
+    np.testing.assert_array_equal(union, [10, 4, 1])      # misses: the target's pixels alone
+    assert (missing, extra) == (2, 0)
+    more = np.concatenate([pred, np.ones((2, 4, 5), bool), np.ones((1, 4, 5), bool)])
+    inter, union, missing, extra = generate_eval.score_question(gt, more)
+    np.testing.assert_array_equal(inter, [5, 4, 1])
+    np.testing.assert_array_equal(union, [10, 20, 20])
+    assert (missing, extra) == (0, 1)
+    ignore = np.zeros_like(gt)
+    ignore[:, 0] = True
+    inter, union, _, _ = generate_eval.score_question(gt, pred, ignore)
+    np.testing.assert_array_equal(inter, [0, 0, 0])
+    np.testing.assert_array_equal(union, [5, 4, 1])
+    empty = np.zeros((1, 4, 5), bool)
+    _, union, missing, _ = generate_eval.score_question(empty, pred[:0])
+    assert union[0] == 0 and missing == 1 and iou_from_counts([0], union)[0] == 1.0
+
+
+class _ScriptedPredictor:
+    """Stands in for the generator only: answers with a fixed number of masks per question, so
+    the accounting around it (scoring, counters, metrics, resume state) is what is tested."""
+
+    image_batch = 2
+    max_image_pixels = 10 ** 8
+
+    def __init__(self, masks_per_question):
+        self.plan = list(masks_per_question)
+
+    def prompt_ids(self, question):
+        return [1]
+
+    def segment_batch(self, pairs):
+        from m2sa_jax.pipeline import SegmentResult
+
+        out = []
+        for rgb, q in pairs:
+            k = self.plan.pop(0)
+            h, w = rgb.shape[:2]
+            out.append(SegmentResult(q, " ".join(["x [SEG]"] * k), np.ones((k, h, w), bool),
+                                     ["x"] * k))
+        return out
+
+
+def test_generate_eval_accounting_on_fixture_records(fixture, tmp_path):
+    samples = fixture["samples"]
+    targets = [len(m) for s in samples for m in s.masks]
+    plan = [max(n - 1, 0) if i % 3 == 0 else n + 2 if i % 3 == 1 else n
+            for i, n in enumerate(targets)]
+    results = runner.ResultsFile(str(tmp_path / "gen.json"), key={"run": "gen"})
+    metrics, skips, stats, counters = generate_eval.evaluate_generate(
+        _ScriptedPredictor(plan), samples, split="val", progress=False, results=results)
+    fewer = sum(p < n for p, n in zip(plan, targets))
+    more = sum(p > n for p, n in zip(plan, targets))
+    assert counters == {"exact": len(plan) - fewer - more, "fewer": fewer, "more": more,
+                        "missing_masks": sum(max(n - p, 0) for p, n in zip(plan, targets)),
+                        "extra_masks": sum(max(p - n, 0) for p, n in zip(plan, targets))}
+    assert stats["questions"] == len(plan) and stats["masks"] == sum(targets)
+    # Full-image predictions: IoU = |gt| / |image|, misses 0 (1 for an empty target).
+    want = []
+    q = 0
+    for s in samples:
+        for refs in s.masks:
+            for j, ref in enumerate(refs):
+                g = ref.decode()
+                hit = j < plan[q]
+                u = g.size if hit else g.sum()
+                want.append(1.0 if u == 0 else (g.sum() if hit else 0) / (u + 1e-5))
+            q += 1
+    assert metrics.result()["val"]["all"]["giou"] == pytest.approx(np.mean(want), abs=1e-12)
+    # Nothing left to do on a rerun: the counters come back from the results file unchanged.
+    _, _, _, again = generate_eval.evaluate_generate(
+        _ScriptedPredictor([]), samples, split="val", progress=False, results=results)
+    assert again == counters
+
+
+TINY_RUN = {"data.train_images": 4, "data.val_images": 3, "data.images_per_batch": 2,
+            "data.max_questions": 1, "train.steps": 1, "model.llm.num_hidden_layers": 1,
+            "model.clip.num_hidden_layers": 1, "model.sam.encoder_depth": 2,
+            "model.sam.global_attn_indexes": (1,), "model.sam.img_size": 128,
+            "eval.images_per_batch": 3, "eval.overlays": 0}
+
+
+def test_eval_cli_on_synthetic_val_of_a_trained_workdir(tmp_path):
+    from m2sa_jax.training.loop import train
+
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import synthetic
+
+    settings = dict(TINY_RUN, **{"data.root": str(tmp_path / "data"),
+                                 "workdir": str(tmp_path / "run")})
+    cfg = synthetic.get_config()
+    for key, value in settings.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    train(cfg, cfg.workdir, stop_after=1, evaluate_at_end=False, progress=False)
+
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--config",
+           os.path.join(ROOT, "configs", "synthetic.py")]
+    cmd += [f"--config.{k}={v}" for k, v in settings.items() if k != "workdir"]
+    proc = subprocess.run(cmd + [f"--config.workdir={cfg.workdir}"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    summary = json.loads((tmp_path / "run" / "eval" /
+                          "metrics_mmr_val_teacher_forced.json").read_text())
+    assert summary["checkpoint"].endswith("step 1")
+    assert summary["counts"]["images"] == 3 and summary["metrics"]["all"]["masks"] > 0
+
+    # No checkpoint anywhere: a clear message and exit status 2.
+    proc = subprocess.run(cmd + [f"--config.workdir={tmp_path / 'nothing'}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "neither a converted" in proc.stderr, proc.stderr[-2000:]
