@@ -77,6 +77,24 @@ def get_config(arg: str | None = None):
     c.eval.overlays = 6
     c.eval.checkpoint = ""
     c.eval.before_training = True           # also score the untrained model (the baseline)
+    # eval.py: benchmark, where it lives, and how to batch it (m2sa_jax/evaluation/runner.py).
+    c.eval.dataset = "mmr"                  # mmr reasonseg refcoco(+,g) multi_refcoco(+,g) refcocom
+    c.eval.mmr_root = ""                    # MMR_*.json folder (default: the synthetic data root)
+    c.eval.image_root = ""                  # COCO images the MMR file_names resolve under
+    c.eval.reasonseg_root = ""              # .../reason_seg/ReasonSeg (split folders inside)
+    c.eval.refer_root = ""                  # LISA's refer_seg folder (refcoco*, RefCOCO refs)
+    c.eval.refer_image_dir = ""             # default: <refer_root>/images/mscoco/images/train2014
+    c.eval.refcocom_json = ""               # RefCOCOm (CRIS layout): annotation JSON,
+    c.eval.refcocom_masks = ""              # its masks/ folder
+    c.eval.refcocom_images = ""             # and the COCO images
+    c.eval.multi_target_protocol = "paper"  # multi_refcoco*: "paper" (Table 4) or "released"
+    c.eval.seed = 0                         # multi-target category draw
+    c.eval.conversations_per_batch = 0      # 0: images_per_batch × most questions of a record
+    c.eval.max_targets = 0                  # 0: the most targets of any question
+    c.eval.token_buckets = ()               # () : data.token_buckets
+    c.eval.max_new_tokens = 64              # generate protocol
+    c.eval.save_every = 10                  # batches between saves of the resumable results
+    c.eval.read_threads = 2
 
     if arg == "ci":                          # a shorter run that must still show learning
         c.data.train_images = 120
