@@ -28,6 +28,9 @@ from m2sa_jax.training import optim, setup, sharding
 from m2sa_jax.training.step import make_train_step
 
 
+TRAIN_LOG = "train_log.jsonl"      # one JSON line per step: step, lr, finite, loss terms
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -168,12 +171,14 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     flag = ckpt_lib.StopFlag()
     losses = []
+    log_file = open(os.path.join(workdir, TRAIN_LOG), "a")
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", disable=not progress,
                dynamic_ncols=True)
     step = start_step
     samples = 0
     t_loop = time.perf_counter()
     stopped = None
+    saved = start_step
     try:
         while step < cfg.train.steps:
             batch = _next_batch(stream, cfg.train.grad_accum)
@@ -182,16 +187,20 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
             samples += int(np.asarray(batch["conv_valid"]).sum())
             m = jax.device_get(m)
             losses.append(float(m["loss"]))
+            if not m["finite"]:
+                summary["nonfinite_steps"] = summary.get("nonfinite_steps", 0) + 1
+            lr = float(schedule(step - 1))          # the rate this step's update used
+            log_file.write(json.dumps(dict(
+                step=step, lr=lr, finite=bool(m["finite"]),
+                **{k: float(m[k]) for k in ("loss", "ce", "bce", "dice", "grad_norm")})) + "\n")
+            log_file.flush()
             if int(state["nonfinite"]) >= cfg.train.max_nonfinite:
                 raise NonFiniteLoss(
                     f"step {step}: the loss or its gradient was not finite for "
                     f"{int(state['nonfinite'])} steps in a row (updates were skipped). Lower "
                     f"train.lr, check the data (skipped records: {dict(skips.counts)}), or use "
                     f"float32 compute; the last good state is in {ckpts.directory}.")
-            if not m["finite"]:
-                summary["nonfinite_steps"] = summary.get("nonfinite_steps", 0) + 1
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                lr = float(schedule(step))
                 rate = samples / max(time.perf_counter() - t_loop, 1e-9)
                 for k in ("loss", "ce", "bce", "dice", "grad_norm"):
                     writer.add_scalar(f"train/{k}", float(m[k]), step)
@@ -211,10 +220,13 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
                 break
             if step % cfg.train.checkpoint_every == 0:
                 ckpts.save(step, state, stream.get_state())
+                saved = step
     finally:
         bar.close()
+        log_file.close()
         flag.restore()
-    ckpts.save(step, state, stream.get_state(), force=True)
+    if saved != step:
+        ckpts.save(step, state, stream.get_state(), force=True)
     ckpts.close()
     writer.close()
     summary.update(steps=step, losses=losses, stopped=stopped, skipped=dict(skips.counts),
