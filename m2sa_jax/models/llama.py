@@ -273,7 +273,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = _dense(cfg.vocab_size, False, cfg, "lm_head")
         if cfg.scan_layers:
             self.layers = nn.scan(
-                _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                # LoRA factors ("lora" collection, see models/lora.py) are stacked like the
+                # weights; each layer draws its own LoRA-dropout mask.
+                _ScanBody, variable_axes={"params": 0, "lora": 0},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
                          nn.broadcast),
                 length=cfg.num_hidden_layers)(cfg)
