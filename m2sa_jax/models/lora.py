@@ -33,6 +33,10 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: Sequence[str] = ("q_proj", "v_proj")
+    # Modules whose Dense layers never get LoRA even when named like a target: the public
+    # code's find_linear_layers skips the vision tower, SAM, mm_projector and the [SEG]
+    # projector, so LoRA lives in the LLM alone (CLIP and SAM also have q_proj/v_proj).
+    exclude: Sequence[str] = ("vision_tower", "sam", "mm_projector", "text_hidden_fcs")
 
     @property
     def scale(self) -> float:
@@ -40,11 +44,13 @@ class LoraConfig:
 
 
 def target_paths(params: Mapping, cfg: LoraConfig) -> list[str]:
-    """'/'-joined paths of the Dense modules (holding a 'kernel') whose name is a target."""
+    """'/'-joined paths of the Dense modules (holding a 'kernel') whose name is a target,
+    outside the excluded modules."""
     out = []
     for path in flatten(params):
         *module, leaf = path.split("/")
-        if leaf == "kernel" and module and module[-1] in cfg.targets:
+        if (leaf == "kernel" and module and module[-1] in cfg.targets
+                and not set(module) & set(cfg.exclude)):
             out.append("/".join(module))
     return sorted(out)
 
