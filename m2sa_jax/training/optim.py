@@ -23,8 +23,8 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 # encoders and every other LLM weight are frozen. Paths are those of m2sa_jax.models.m2sa.
 M2SA_TRAINABLE = (
     r"lora/.*",
-    r"params/llm/embed_tokens/.*",
-    r"params/llm/lm_head/.*",
+    r"params/llava/language_model/embed_tokens/.*",
+    r"params/llava/language_model/lm_head/.*",
     r"params/sam/mask_decoder/.*",
     r"params/text_hidden_fcs/.*",
 )
