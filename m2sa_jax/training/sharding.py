@@ -1,16 +1,29 @@
 """Sharding by rules: a (data, fsdp, tensor) device mesh, logical axis names for parameters from
 one table of path patterns, and one table mapping logical names to mesh axes.
 
-Parameters are placed by :func:`param_shardings` (a tree of NamedShardings the jitted init or
-the checkpoint restore writes into directly), batches are split along their leading axis over
-(data, fsdp). A dimension is only sharded when the mesh axis divides it; otherwise it stays
-replicated (small test models on 8 devices).
+* Parameters (and their LoRA factors and Adam moments) are laid out by :func:`param_shardings`
+  / :func:`state_shardings`: a tree of NamedShardings that the jitted init
+  (``jax.jit(init, out_shardings=...)``), ``device_put`` of loaded weights and the checkpoint
+  restore write into directly, and that the donated train step takes and returns unchanged.
+* ``fsdp`` shards the model dimension ("embed") of every large matrix — the LLM, the CLIP tower
+  and the SAM ViT — so frozen weights, trainable weights and Adam moments are all split; XLA
+  gathers a layer's weights where it is used. ``tensor`` splits heads / MLP width / vocabulary
+  (Megatron-style). ``data`` replicates.
+* Batches are split along their leading (example) axis over (data, fsdp); with gradient
+  accumulation the leading axis is the micro-batch axis and the second is split.
+* A dimension is sharded only when the mesh axis divides it; otherwise it stays replicated
+  (the vocabulary of 32,003 rows; small test models).
+
+Scanned layers (``LlamaConfig.scan_layers``) carry a leading layer axis: the rules name the
+trailing dimensions only, so leading axes stay unsharded. The mesh uses ``jax.sharding.Mesh``
+with Auto axes (the compiler propagates shardings inside the step; ``jax.make_mesh`` would
+give Explicit axes).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -20,23 +33,45 @@ from checkpoints_convert.table import flatten, unflatten
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Parameter path (regex, fullmatch on the '/'-joined path without the collection) → logical
-# names of its dimensions, leading (scan) dimensions excluded. First match wins.
+# Parameter path (regex, fullmatch on the '/'-joined path, collection included: "params/…",
+# "lora/…") → logical names of its trailing dimensions. First match wins; unmatched leaves
+# (norms, biases, small convs, the SAM prompt encoder and mask decoder) are replicated.
 PARAM_RULES: Sequence[tuple[str, tuple[str | None, ...]]] = (
+    # LLaMA / Vicuna (embed = d_model, heads = H·head_dim, mlp = FFN width)
     (r".*language_model/embed_tokens/embedding", ("vocab", "embed")),
     (r".*language_model/lm_head/kernel", ("embed", "vocab")),
     (r".*language_model/.*self_attn/(q_proj|k_proj|v_proj)/kernel", ("embed", "heads")),
     (r".*language_model/.*self_attn/o_proj/kernel", ("heads", "embed")),
     (r".*language_model/.*mlp/(gate_proj|up_proj)/kernel", ("embed", "mlp")),
     (r".*language_model/.*mlp/down_proj/kernel", ("mlp", "embed")),
-    (r".*lora_a", ("embed", None)),
-    (r".*lora_b", (None, None)),
+    # LoRA factors of the LLM projections: A [.., in, r] follows the kernel's input; B is tiny.
+    (r"lora/.*/lora_a", ("embed", None)),
+    (r"lora/.*/lora_b", (None, None)),
+    # CLIP ViT-L/14 (frozen, 303M)
+    (r".*vision_tower/.*self_attn/(q_proj|k_proj|v_proj)/kernel", ("embed", "heads")),
+    (r".*vision_tower/.*self_attn/out_proj/kernel", ("heads", "embed")),
+    (r".*vision_tower/.*fc1/kernel", ("embed", "mlp")),
+    (r".*vision_tower/.*fc2/kernel", ("mlp", "embed")),
+    (r".*mm_projector/.*kernel", (None, "embed")),
+    # SAM ViT-H image encoder (frozen, 637M)
+    (r".*sam/image_encoder/.*attn/qkv/kernel", ("embed", "heads")),
+    (r".*sam/image_encoder/.*attn/proj/kernel", ("heads", "embed")),
+    (r".*sam/image_encoder/.*lin1/kernel", ("embed", "mlp")),
+    (r".*sam/image_encoder/.*lin2/kernel", ("mlp", "embed")),
+    (r".*sam/image_encoder/pos_embed", ("embed",)),
+    # compress_vit's first conv reads the ViT width (3×3×1280×256, trainable)
+    (r".*sam/mask_decoder/compress_vit_conv0/kernel", ("embed", None)),
+    # [SEG] projector Linear d→d, Linear d→256 (trainable, 17M at 7B)
+    (r".*text_hidden_fcs/dense_0/kernel", ("embed", "mlp")),
+    (r".*text_hidden_fcs/dense_2/kernel", ("embed", None)),
 )
 
 # Logical name → mesh axis (None: replicated).
 LOGICAL_TO_MESH: Mapping[str, str | None] = {
     "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "mlp": "tensor", "batch": "data",
 }
+
+BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -45,18 +80,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     sizes = [data, fsdp, tensor]
     known = int(np.prod([s for s in sizes if s != -1]))
     if sizes.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1")
+        raise ValueError("config.mesh: at most one of data/fsdp/tensor may be -1")
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into fsdp·tensor = {known}")
+            raise ValueError(f"config.mesh: {len(devices)} devices do not divide into the other "
+                             f"axes' product {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"have {len(devices)}")
+        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs "
+                         f"{int(np.prod(sizes))} devices, have {len(devices)}; fix the sizes or "
+                         f"set one axis to -1")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical names of a leaf's dimensions (leading scan axes and unmatched leaves: None)."""
     for pattern, names in PARAM_RULES:
         if re.fullmatch(pattern, path):
             lead = ndim - len(names)
@@ -77,20 +115,82 @@ def spec_for(path: str, shape, mesh: Mesh) -> P:
 
 
 def param_shardings(tree: Mapping, mesh: Mesh) -> dict:
-    """NamedSharding per leaf of a (possibly abstract) parameter tree."""
+    """NamedSharding per leaf of a (possibly abstract) variables tree ({"params", "lora"})."""
     return unflatten({p: NamedSharding(mesh, spec_for(p, np.shape(v), mesh))
                       for p, v in flatten(tree).items()})
 
 
-def batch_sharding(batch: Mapping, mesh: Mesh) -> dict:
-    """Leading axis over (data, fsdp) when divisible, else replicated."""
+def _dict_path(keypath) -> str:
+    return "/".join(str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey))
+
+
+def opt_state_shardings(opt_state, variables: Mapping, var_shardings: Mapping, mesh: Mesh):
+    """Optimizer-state leaves laid out like the parameter they belong to (Adam's mu/nu sit under
+    the parameter's own path inside optax's states); counters and the like are replicated."""
+    shapes = {p: np.shape(v) for p, v in flatten(variables).items()}
+    shards = flatten(var_shardings)
+    rep = replicated(mesh)
+
+    def one(keypath, leaf):
+        parts = _dict_path(keypath).split("/")
+        for i in range(len(parts)):
+            var_path = "/".join(parts[i:])
+            if var_path in shards and shapes[var_path] == np.shape(leaf):
+                return shards[var_path]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def state_shardings(state: Mapping, mesh: Mesh) -> dict:
+    """The explicit layout of a train state ``{step, variables, opt_state, rng, nonfinite}``
+    (abstract or live): the jitted init's out_shardings and the step's in/out shardings."""
+    var_sh = param_shardings(state["variables"], mesh)
+    rep = replicated(mesh)
+    return dict(step=rep, variables=var_sh, rng=rep, nonfinite=rep,
+                opt_state=opt_state_shardings(state["opt_state"], state["variables"], var_sh,
+                                              mesh))
+
+
+def batch_spec(shape, mesh: Mesh, micro: bool = False) -> P:
+    """Example axis (the leading one, or the second under gradient accumulation) over
+    (data, fsdp) when divisible; everything else replicated."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
-    out = {}
-    for k, v in batch.items():
-        shape = np.shape(v)
-        spec = P(("data", "fsdp")) if shape and shape[0] % n == 0 and n > 1 else P()
-        out[k] = NamedSharding(mesh, spec)
-    return out
+    axis = 1 if micro else 0
+    if n == 1 or len(shape) <= axis or shape[axis] % n:
+        return P()
+    return P(*([None] * axis), BATCH_AXES)
+
+
+def batch_sharding(batch: Mapping, mesh: Mesh, micro: bool = False) -> dict:
+    return {k: NamedSharding(mesh, batch_spec(np.shape(v), mesh, micro)) for k, v in batch.items()}
+
+
+def put_global(tree, shardings):
+    """Host arrays holding the *global* value (the same on every process) → global jax.Arrays
+    in the given layout. One process: ``device_put``; several: each process fills only the
+    shards of its own devices (``make_array_from_callback``), nothing crosses hosts."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sh):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x if x.sharding == sh else jax.device_put(x, sh)    # already global
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def put_batch(batch: Mapping, mesh: Mesh, micro: bool = False) -> dict:
+    """A global host batch → arrays split over (data, fsdp) (see :func:`put_global`)."""
+    return put_global(dict(batch), batch_sharding(batch, mesh, micro))
+
+
+def init_sharded(init_fn: Callable[[], Any], shardings) -> Any:
+    """Runs ``init_fn`` under jit with ``out_shardings``: each device materialises only its
+    own shards (no full copy of the model on any one device)."""
+    return jax.jit(init_fn, out_shardings=shardings)()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
