@@ -326,16 +326,29 @@ def test_generate_eval_accounting_on_fixture_records(fixture, tmp_path):
     assert again == counters
 
 
-TINY_RUN = {"data.train_images": 4, "data.val_images": 3, "data.images_per_batch": 2,
-            "data.max_questions": 1, "train.steps": 1, "model.llm.num_hidden_layers": 1,
+TINY_RUN = {"data.train_images": 2, "data.val_images": 3, "data.images_per_batch": 2,
+            "data.max_questions": 1, "model.llm.num_hidden_layers": 1,
             "model.clip.num_hidden_layers": 1, "model.sam.encoder_depth": 2,
             "model.sam.global_attn_indexes": (1,), "model.sam.img_size": 128,
             "eval.images_per_batch": 3, "eval.overlays": 0}
 
 
-def test_eval_cli_on_synthetic_val_of_a_trained_workdir(tmp_path):
-    from m2sa_jax.training.loop import train
+def _save_run_checkpoint(cfg, step: int) -> None:
+    """A training workdir as train() leaves it (orbax state + data position), from the freshly
+    initialised state: the run's own checkpoint code, without compiling a train step."""
+    from m2sa_jax.data.skips import SkipCounter
+    from m2sa_jax.training import checkpoint as ckpt_lib
+    from m2sa_jax.training import loop
 
+    config, params, tokenizer, root, images = loop.build(cfg)
+    state, *_ = loop.init_state(cfg, config, params, runner.data_mesh())
+    stream = loop._train_stream(cfg, config, tokenizer, root, images, SkipCounter())
+    ckpts = ckpt_lib.RunCheckpoints(os.path.join(cfg.workdir, "checkpoints"), async_save=False)
+    ckpts.save(step, state, stream.get_state(), force=True)
+    ckpts.close()
+
+
+def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     import synthetic
 
@@ -348,21 +361,21 @@ def test_eval_cli_on_synthetic_val_of_a_trained_workdir(tmp_path):
         for p in parents:
             node = node[p]
         node[leaf] = value
-    train(cfg, cfg.workdir, stop_after=1, evaluate_at_end=False, progress=False)
+    _save_run_checkpoint(cfg, step=3)
 
     cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--config",
            os.path.join(ROOT, "configs", "synthetic.py")]
-    cmd += [f"--config.{k}={v}" for k, v in settings.items() if k != "workdir"]
-    proc = subprocess.run(cmd + [f"--config.workdir={cfg.workdir}"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    cmd += [f"--config.{k}={v}" for k, v in settings.items()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
     summary = json.loads((tmp_path / "run" / "eval" /
                           "metrics_mmr_val_teacher_forced.json").read_text())
-    assert summary["checkpoint"].endswith("step 1")
+    assert summary["checkpoint"].endswith("step 3")
     assert summary["counts"]["images"] == 3 and summary["metrics"]["all"]["masks"] > 0
+    assert summary["skipped"] == {}
 
-    # No checkpoint anywhere: a clear message and exit status 2.
-    proc = subprocess.run(cmd + [f"--config.workdir={tmp_path / 'nothing'}"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 2 and "neither a converted" in proc.stderr, proc.stderr[-2000:]
+    # No checkpoint anywhere: a message that says what to do.
+    cfg.workdir = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="neither a converted LISA/M²SA directory"):
+        runner.load_model(cfg)

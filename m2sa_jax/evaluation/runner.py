@@ -343,9 +343,8 @@ def load_model(cfg):
     from m2sa_jax.training import loop
 
     ckpt_dir = os.path.join(path, "checkpoints")
-    step = None
-    if os.path.isdir(ckpt_dir):
-        step = ckpt_lib.RunCheckpoints(ckpt_dir, async_save=False).latest_step()
+    ckpts = ckpt_lib.RunCheckpoints(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
+    step = ckpts.latest_step() if ckpts is not None else None
     if step is None:
         raise FileNotFoundError(
             f"{os.path.abspath(path)}: neither a converted LISA/M²SA directory (no {META_FILE}) "
@@ -353,13 +352,26 @@ def load_model(cfg):
             f"(python train.py --config ... --workdir {path}), convert a released model "
             f"(python -m checkpoints_convert m2sa --src HF_FOLDER --dst DIR), or pass "
             f"--config.eval.checkpoint=DIR")
-    config, params, tokenizer, _, _ = loop.build(cfg)
-    mesh = data_mesh()
-    state, _, _, _, _, lora_cfg = loop.init_state(cfg, config, params, mesh)
-    ckpts = ckpt_lib.RunCheckpoints(ckpt_dir, async_save=False)
-    restored, _ = ckpts.restore(step, ckpt_lib.abstract_like(state))
+    if cfg.model.init == "random":
+        # The toy configs: the model is defined by the config's sizes, so the saved state is
+        # restored as saved (no restore target: the random init and optimizer are not built).
+        import orbax.checkpoint as ocp
+
+        from m2sa_jax.training import setup
+
+        _, tok_dir = setup.synthetic_data(cfg)
+        tokenizer = setup.load_tokenizer(tok_dir, cfg.data.model_max_length)
+        config = setup.model_config_from_sizes(cfg, tokenizer.seg_token_id, len(tokenizer))
+        restored = ckpts.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+    else:
+        # Pretrained inits: the restore target comes from the run's own state layout.
+        config, params, tokenizer, _, _ = loop.build(cfg)
+        state, *_ = loop.init_state(cfg, config, params, data_mesh())
+        del params
+        restored, _ = ckpts.restore(step, ckpt_lib.abstract_like(state))
     ckpts.close()
-    params = jax.device_get(loop.merged_params(restored, lora_cfg))
+    params = jax.device_get(loop.merged_params(restored, loop._lora_cfg(cfg)))
     return config, params, tokenizer, f"training workdir {path} step {step}"
 
 
