@@ -195,6 +195,7 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
                 **{k: float(m[k]) for k in ("loss", "ce", "bce", "dice", "grad_norm")})) + "\n")
             log_file.flush()
             if int(state["nonfinite"]) >= cfg.train.max_nonfinite:
+                ckpts.close()               # pending saves land before the run stops
                 raise NonFiniteLoss(
                     f"step {step}: the loss or its gradient was not finite for "
                     f"{int(state['nonfinite'])} steps in a row (updates were skipped). Lower "
@@ -224,11 +225,11 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
     finally:
         bar.close()
         log_file.close()
+        writer.close()                      # flushed even when the run stops on an error
         flag.restore()
     if saved != step:
         ckpts.save(step, state, stream.get_state(), force=True)
     ckpts.close()
-    writer.close()
     summary.update(steps=step, losses=losses, stopped=stopped, skipped=dict(skips.counts),
                    train_seconds=time.perf_counter() - t_loop)
     if stopped in ("SIGTERM", "SIGINT", "stop_after"):
