@@ -5,8 +5,9 @@
         --config.model.sam_checkpoint=DIR --config.data.mmr_root=... --workdir DIR
 
 With no --config, trains the synthetic demo (configs/synthetic.py). A run resumes from
-``workdir/checkpoints`` when it holds a step. Multi-host: set --multihost (calls
-jax.distributed.initialize, which reads the cluster from the environment).
+``workdir/checkpoints`` when it holds a step. Multi-host: run the same command on every host
+with --multihost (jax.distributed.initialize: the cluster is detected under SLURM / Open MPI,
+or give --coordinator=host0:1234 --num_processes=N --process_id=i); see docs/training.md.
 """
 
 import os
@@ -19,6 +20,10 @@ _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: config.workdir)")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "multihost: host:port of process 0 "
+                                   "(default: detected from SLURM / Open MPI / the environment)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multihost: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multihost: this process's index")
 
 
 def main(argv):
@@ -26,7 +31,9 @@ def main(argv):
     import jax
 
     if _MULTIHOST.value:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     from m2sa_jax.training.loop import train
 
     cfg = _CONFIG.value

@@ -82,8 +82,8 @@ def init_state(cfg, config, params, mesh):
         total_steps=cfg.train.steps, b1=cfg.train.b1, b2=cfg.train.b2,
         weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm)
     var_sh = sharding.param_shardings(variables, mesh)
-    variables = jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), variables),
-                               var_sh)
+    variables = sharding.put_global(jax.tree.map(lambda x: np.asarray(x, np.float32), variables),
+                                    var_sh)
     opt_state = jax.jit(optimizer.init)(variables)
     rep = sharding.replicated(mesh)
     state = dict(step=jnp.zeros((), jnp.int32), variables=variables, opt_state=opt_state,
@@ -93,7 +93,7 @@ def init_state(cfg, config, params, mesh):
     # donated state comes back exactly as it went in (no retracing between steps).
     state_sh = dict(step=rep, variables=var_sh, rng=rep, nonfinite=rep,
                     opt_state=jax.tree.map(lambda x: _opt_sharding(x, mesh), opt_state))
-    state = jax.device_put(state, state_sh)
+    state = sharding.put_global(state, state_sh)
     return state, state_sh, optimizer, schedule, labels, lora_cfg
 
 
@@ -146,7 +146,8 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
                    dice_weight=cfg.train.dice_weight)
     step_fn = jax.jit(make_train_step(model, optimizer, labels, weights, lora_cfg,
                                       cfg.train.grad_accum),
-                      in_shardings=(state_sh, None), out_shardings=(state_sh, None),
+                      in_shardings=(state_sh, None),
+                      out_shardings=(state_sh, sharding.replicated(mesh)),
                       donate_argnums=(0,))
 
     skips = SkipCounter()
@@ -182,7 +183,8 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
     try:
         while step < cfg.train.steps:
             batch = _next_batch(stream, cfg.train.grad_accum)
-            state, m = step_fn(state, batch)
+            # examples split over (data, fsdp): the data-parallel part of the mesh
+            state, m = step_fn(state, sharding.put_batch(batch, mesh, cfg.train.grad_accum > 1))
             step += 1
             samples += int(np.asarray(batch["conv_valid"]).sum())
             m = jax.device_get(m)
