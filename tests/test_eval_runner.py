@@ -242,6 +242,27 @@ def test_batches_compile_once_and_resume_and_hosts_match(fixture, tmp_path):
     with pytest.raises(ValueError, match="exactly one host"):
         SegmentationMetrics.merged([parts[0], parts[0]])
 
+    # ReasonSeg-style ignore regions: a record whose targets are ignored everywhere scores
+    # union 0 (IoU 1.0) on each of its masks and drops out of the cIoU sums.
+    import dataclasses
+
+    from m2sa_jax.data.types import MaskRef
+
+    first = samples[0]
+    h, w = first.height, first.width
+    everywhere = MaskRef(lambda: np.ones((h, w), bool), h, w, "ignore")
+    ignored = dataclasses.replace(first, extra=dict(
+        first.extra, ignore_masks=[[everywhere] * len(m) for m in first.masks]))
+    alone = runner.evaluate(forward, variables, samples[:1], pred.tokenizer, shapes, mesh=mesh,
+                            **kw)[0].result()["val"]["all"]
+    got = runner.evaluate(forward, variables, [ignored] + samples[1:], pred.tokenizer, shapes,
+                          mesh=mesh, **kw)[0].result()["val"]["all"]
+    want = full.result()["val"]["all"]
+    assert got["intersection"] == want["intersection"] - alone["intersection"]
+    assert got["union"] == want["union"] - alone["union"]
+    assert got["empty_union_masks"] == want["empty_union_masks"] + first.num_targets - \
+        alone["empty_union_masks"]
+
 
 def test_generate_protocol_counts_misses_and_extras():
     gt = np.zeros((3, 4, 5), bool)
