@@ -1,0 +1,36 @@
+"""The learning demo, shortened (configs/synthetic.py:ci): the whole system — synthetic MMR data,
+tokenizer, M²SA from scratch, train step, checkpoints, teacher-forced evaluation — must learn:
+the loss falls and validation gIoU rises well above the untrained model's."""
+
+import importlib.util
+import json
+import os
+import statistics
+
+from m2sa_jax.training.loop import train
+
+_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
+
+
+def _config(arg):
+    spec = importlib.util.spec_from_file_location("synthetic_config", _CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_synthetic_run_learns(tmp_path):
+    cfg = _config("ci")
+    cfg.data.root = str(tmp_path / "data")
+    summary = train(cfg, str(tmp_path / "run"), progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
+    assert len(rows) == cfg.train.steps and all(r["finite"] for r in rows)
+    first = statistics.mean(r["loss"] for r in rows[:20])
+    last = statistics.mean(r["loss"] for r in rows[-20:])
+    before = summary["untrained"]["metrics"]["all"]["giou"]
+    after = summary["trained"]["metrics"]["all"]["giou"]
+    print(f"\nloss {first:.3f} -> {last:.3f}; val gIoU {before:.3f} -> {after:.3f}")
+    assert last < 0.6 * first
+    assert after > 2 * before and after > before + 0.04
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert any((tmp_path / "run" / "overlays").iterdir())
