@@ -430,8 +430,9 @@ def test_mmr_splits_validation_mode(tmp_path, split):
     assert len(samples) == 1
     s = samples[0]
     assert s.record_id == f"{name} record 0 (image_id 1)"
-    assert s.questions == ["Which parts hold the drink?", "What carries people?",
-                           "What do you sit on?", "Where is the light?"]      # all, in order
+    assert [q.strip() for q in s.questions] == [                             # all, in order
+        "Which parts hold the drink?", "What carries people?", "What do you sit on?",
+        "Where is the light?"]
     assert s.answers[0] == "the mug's handle [SEG] and the cup's handle [SEG]"
     assert s.extra["eval_questions"][0] == " Which parts hold the drink? Please output segmentation mask."
     assert s.extra["eval_answers"] == ["the mug's handle [SEG] and the cup's handle [SEG].",

@@ -73,7 +73,7 @@ PAPER_CATEGORY_RANGE = (4, 6)
 def _with_eval_turns(sample: Sample, questions: Sequence[str] | None = None,
                      answers: Sequence[str] | None = None) -> Sample:
     sample.extra["eval_questions"] = list(questions) if questions is not None else [
-        validation_question(q) for q in sample.questions]
+        validation_question(q.strip()) for q in sample.questions]   # the public eval strips
     sample.extra["eval_answers"] = list(answers) if answers is not None else [
         validation_answer(a) for a in sample.answers]
     return sample
