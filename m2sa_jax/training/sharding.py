@@ -2,9 +2,10 @@
 one table of path patterns, and one table mapping logical names to mesh axes.
 
 * Parameters (and their LoRA factors and Adam moments) are laid out by :func:`param_shardings`
-  / :func:`state_shardings`: a tree of NamedShardings that the jitted init
-  (``jax.jit(init, out_shardings=...)``), ``device_put`` of loaded weights and the checkpoint
-  restore write into directly, and that the donated train step takes and returns unchanged.
+  / :func:`state_shardings`: a tree of NamedShardings that loaded weights are put into
+  (:func:`put_global`), that jitted initialisers write into (``jax.jit(optimizer.init,
+  out_shardings=...)``), that the checkpoint restore targets, and that the donated train step
+  takes and returns unchanged.
 * ``fsdp`` shards the model dimension ("embed") of every large matrix — the LLM, the CLIP tower
   and the SAM ViT — so frozen weights, trainable weights and Adam moments are all split; XLA
   gathers a layer's weights where it is used. ``tensor`` splits heads / MLP width / vocabulary
@@ -23,7 +24,7 @@ give Explicit axes).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -185,12 +186,6 @@ def put_global(tree, shardings):
 def put_batch(batch: Mapping, mesh: Mesh, micro: bool = False) -> dict:
     """A global host batch → arrays split over (data, fsdp) (see :func:`put_global`)."""
     return put_global(dict(batch), batch_sharding(batch, mesh, micro))
-
-
-def init_sharded(init_fn: Callable[[], Any], shardings) -> Any:
-    """Runs ``init_fn`` under jit with ``out_shardings``: each device materialises only its
-    own shards (no full copy of the model on any one device)."""
-    return jax.jit(init_fn, out_shardings=shardings)()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
