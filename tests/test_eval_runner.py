@@ -400,3 +400,38 @@ def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
     cfg.workdir = str(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="neither a converted LISA/M²SA directory"):
         runner.load_model(cfg)
+
+
+def test_generate_protocol_with_the_real_model(fixture):
+    """The real generate-then-segment path (no stand-in): the converted model writes its own
+    answers; the accumulated metrics and counters equal scoring each question's own
+    ``predictor.segment`` answer one at a time."""
+    import m2sa_jax
+
+    pred = m2sa_jax.load(str(fixture["dst"]), max_new_tokens=6)
+    samples = fixture["samples"]
+    metrics, skips, stats, counters = generate_eval.evaluate_generate(
+        pred, samples, split="val", progress=False)
+    inter, union, ids, kinds = [], [], [], []
+    want = dict.fromkeys(generate_eval.COUNTERS, 0)
+    for s in samples:
+        for i, q in enumerate(s.questions):
+            gt = np.stack([np.asarray(r.decode(), bool) for r in s.masks[i]])
+            r = pred.segment(s.image_path, q)
+            assert r.masks.shape[0] == r.answer.count("[SEG]")
+            a, u, missing, extra = generate_eval.score_question(gt, r.masks)
+            want["exact" if not (missing or extra) else "fewer" if missing else "more"] += 1
+            want["missing_masks"] += missing
+            want["extra_masks"] += extra
+            inter += list(a)
+            union += list(u)
+            ids += [s.record_id] * len(gt)
+            kinds += [m.kind for m in s.masks[i]]
+    direct = SegmentationMetrics()
+    direct.update("val", np.array(inter), np.array(union), ids, kinds)
+    assert counters == want
+    assert stats["questions"] == sum(len(s.questions) for s in samples)
+    got, exp = metrics.result()["val"]["all"], direct.result()["val"]["all"]
+    assert (got["intersection"], got["union"], got["masks"]) == (
+        exp["intersection"], exp["union"], exp["masks"])
+    assert got["giou"] == pytest.approx(exp["giou"], abs=1e-12)

@@ -31,7 +31,9 @@ def _compute(cfg):
 def model_config_from_sizes(cfg, seg_token_id: int, vocab_size: int) -> M2SAConfig:
     """M2SAConfig from the config's explicit sizes (random init)."""
     dt = _compute(cfg)
-    text = llama.LlamaConfig(vocab_size=vocab_size, dtype=dt, **dict(cfg.model.llm))
+    llm = dict(cfg.model.llm)
+    llm.setdefault("head_dim", llm["hidden_size"] // llm["num_attention_heads"])
+    text = llama.LlamaConfig(vocab_size=vocab_size, dtype=dt, **llm)
     vision = clip.CLIPVisionConfig(dtype=dt, **dict(cfg.model.clip))
     sam_fields = dict(cfg.model.sam)
     model_type = sam_fields.pop("model_type", "vit_h")
