@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
     c.data.read_threads = 2
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000
+    c.train.steps = 2000                      # ≈11 min at ~3 steps/s on 2 idle cores
     c.train.lr = 2e-3
     c.train.warmup_steps = 50
     c.train.grad_accum = 1
