@@ -100,7 +100,11 @@ def _bucket(n: int, step: int) -> int:
 
 
 class M2SAPredictor:
-    """Generate-then-segment (and teacher-forced scoring) with a converted LISA/M²SA model."""
+    """Generate-then-segment (and teacher-forced scoring) with a converted LISA/M²SA model.
+
+    After each ``segment_batch`` call, ``last_generated`` holds the token ids of every answer
+    (eos dropped), e.g. to feed an answer back teacher-forced.
+    """
 
     def __init__(self, config: M2SAConfig, params, tokenizer: LegacyLlamaTokenizer, *,
                  max_new_tokens: int = 64, prompt_bucket: int = 64, image_batch: int = 4,

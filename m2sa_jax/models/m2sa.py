@@ -216,14 +216,5 @@ def abstract_params(config: M2SAConfig) -> dict:
     return {"llava": llava_shapes, "sam": sam_shapes, "text_hidden_fcs": fcs}
 
 
-def init_params(config: M2SAConfig, seed: int = 0) -> dict:
-    """Random parameters for every leaf of :func:`abstract_params` (tests, demos, fresh runs)."""
-    shapes = abstract_params(config)
-    leaves, treedef = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    vals = [jax.random.normal(k, s.shape, jnp.float32) * 0.02 for k, s in zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, vals)
-
-
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
