@@ -19,6 +19,7 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from checkpoints_convert import llava as convert_llava
 from m2sa_jax.models import llama
+from m2sa_helpers import write_sharded_bin
 
 VOCAB = 101
 
@@ -27,15 +28,8 @@ def save_sharded_bin(model, folder, shards=3):
     """The pre-safetensors Hugging Face format: pickled shards plus a JSON index."""
     os.makedirs(folder, exist_ok=True)
     model.config.save_pretrained(folder)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    keys = list(state)
-    weight_map = {}
-    for s, chunk in enumerate(np.array_split(np.arange(len(keys)), shards)):
-        name = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
-        torch.save({keys[i]: state[keys[i]] for i in chunk}, os.path.join(folder, name))
-        weight_map.update({keys[i]: name for i in chunk})
-    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    write_sharded_bin({k: v.detach().clone() for k, v in model.state_dict().items()}, folder,
+                      shards)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from transformers import LlavaForConditionalGeneration
 from checkpoints_convert import llava as convert_llava
 from checkpoints_convert.table import ConversionError
 from m2sa_jax.models import llava
+from m2sa_helpers import write_sharded_bin
 
 VOCAB = 120
 IMAGE = 56  # 4×4 patches of 14 → 16 image rows
@@ -35,17 +36,6 @@ TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_l
             max_position_embeddings=256)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               image_size=IMAGE, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-
-
-def _save_sharded_bin(state, folder, shards=2):
-    keys = list(state)
-    weight_map = {}
-    for s, chunk in enumerate(np.array_split(np.arange(len(keys)), shards)):
-        name = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
-        torch.save({keys[i]: state[keys[i]] for i in chunk}, os.path.join(folder, name))
-        weight_map.update({keys[i]: name for i in chunk})
-    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +52,7 @@ def v1_folder(tmp_path_factory):
     state[prefix + "embeddings.position_ids"] = torch.arange(ROWS + 1)[None]  # old buffer
     state["model.mm_projector.weight"] = projector.weight.detach().clone()
     state["model.mm_projector.bias"] = projector.bias.detach().clone()
-    _save_sharded_bin(state, folder)
+    write_sharded_bin(state, folder, 2)
     config = dict(HFLlamaConfig(**TEXT).to_dict(), architectures=["LISAForCausalLM"],
                   model_type="llava", mm_vision_tower="openai/clip-vit-large-patch14",
                   mm_hidden_size=VISION["hidden_size"], mm_vision_select_layer=-2,
