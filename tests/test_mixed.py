@@ -82,8 +82,13 @@ def test_config_errors_name_the_problem():
         MixedSource({"a": [CountingSource("a", 0)]}, {"a": 1}, seed=0, draws_per_epoch=1)
 
 
-def test_training_mixture_from_dataset_root(tmp_path):
-    """All four groups opened from one root in the documented layout, drawn 2:9:2:6."""
+DATASET_HW = (8, 12)
+DATASET_POLYGON = [[0.0, 0.0, 6.0, 0.0, 6.0, 6.0, 0.0, 6.0]]
+
+
+def write_dataset_root(root):
+    """One image per group in the documented layout (docs/datasets.md): ADE20K, RefCOCO,
+    LLaVA-Instruct and MMR, annotations and image files, each ``DATASET_HW`` pixels."""
     import json
     import os
     import pickle
@@ -91,10 +96,7 @@ def test_training_mixture_from_dataset_root(tmp_path):
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from m2sa_jax.data.mixed import training_mixture
-
-    root = tmp_path
-    h, w = 8, 12
+    h, w = DATASET_HW
 
     def put(path, data=None, image=None):
         path = root / path
@@ -107,10 +109,9 @@ def test_training_mixture_from_dataset_root(tmp_path):
     rgb = np.zeros((h, w, 3), np.uint8)
     put("ade20k/images/training/a.jpg", image=rgb)
     put("ade20k/annotations/training/a.png", image=np.full((h, w), 3, np.uint8))
-    polygon = [[0.0, 0.0, 6.0, 0.0, 6.0, 6.0, 0.0, 6.0]]
     put("refer_seg/refcoco/instances.json", {
         "images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": h, "width": w}],
-        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "segmentation": polygon}],
+        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "segmentation": DATASET_POLYGON}],
         "categories": [{"id": 1, "name": "person"}]})
     put("refer_seg/refcoco/refs(unc).p", pickle.dumps([{
         "ref_id": 0, "ann_id": 5, "image_id": 1, "split": "train", "category_id": 1,
@@ -119,6 +120,8 @@ def test_training_mixture_from_dataset_root(tmp_path):
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A test."}]}])
     rle = mask_utils.encode(np.asfortranarray(np.ones((h, w), np.uint8)))
     put("refer_seg/images/mscoco/images/train2014/x.jpg", image=rgb)
+    put("refer_seg/images/mscoco/images/train2014/COCO_train2014_000000000001.jpg", image=rgb)
+    put("coco/train2017/1.jpg", image=rgb)
     put("MMR/MMR_train.json", [{
         "file_name": "train2014/x.jpg", "height": h, "width": w, "image_id": 9,
         "not_exhaustive_category_ids": [], "neg_category_ids": [], "coco_url": "",
@@ -126,6 +129,18 @@ def test_training_mixture_from_dataset_root(tmp_path):
         "answers": [[{"bbox": [0, 0, w, h], "segmentation": {"size": [h, w], "counts": rle["counts"].decode()},
                       "image_id": 9, "category_name": "mug", "category_id": 1, "sorted_category_id": 1}]],
         "text_answers": ["The mug {seg}."], "raw_answers": ["The mug."]}])
+
+
+def test_training_mixture_from_dataset_root(tmp_path):
+    """All four groups opened from one root in the documented layout, drawn 2:9:2:6."""
+    from pycocotools import mask as mask_utils
+
+    from m2sa_jax.data.mixed import training_mixture
+
+    root = tmp_path
+    h, w = DATASET_HW
+    polygon = DATASET_POLYGON
+    write_dataset_root(root)
 
     mix = training_mixture(str(root), seed=0, draws_per_epoch=600, sem_seg=("ade20k",), refer_seg=("refcoco",))
     samples = [mix[i] for i in range(len(mix))]

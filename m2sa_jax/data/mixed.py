@@ -90,6 +90,16 @@ class MixedSource:
         raise BadRecord("retries_exhausted", f"mixture draw {index}: {self.max_retries + 1} bad records in a row; last: {last}")
 
 
+def default_mmr_root(root: str) -> str:
+    """The MMR_{split}.json folder of a dataset root (the public code's path)."""
+    return f"{root}/MMR"
+
+
+def default_mmr_image_root(root: str) -> str:
+    """The COCO images MMR's records name, in a dataset root (the public code's path)."""
+    return f"{root}/refer_seg/images/mscoco/images"
+
+
 def training_mixture(root: str, *, seed: int, draws_per_epoch: int, ratios: Mapping[str, float] = PAPER_RATIOS,
                      sem_seg: Sequence[str] | None = None, refer_seg: Sequence[str] | None = None,
                      vqa_data: str = "llava_instruct_150k", mmr_json: str | None = None,
@@ -110,8 +120,8 @@ def training_mixture(root: str, *, seed: int, draws_per_epoch: int, ratios: Mapp
         "sem_seg": lambda: sem_seg_sources(root, sem_seg or DEFAULT_SEM_SEG, **per_image),
         "refer_seg": lambda: refer_seg_sources(root, refer_seg or DEFAULT_REFER_SEG, **per_image),
         "vqa": lambda: [VQASource(root, vqa_data)],
-        "mmr": lambda: [MMRDataset(mmr_json or f"{root}/MMR/MMR_train.json",
-                                   mmr_image_root or f"{root}/refer_seg/images/mscoco/images",
+        "mmr": lambda: [MMRDataset(mmr_json or f"{default_mmr_root(root)}/MMR_train.json",
+                                   mmr_image_root or default_mmr_image_root(root),
                                    max_questions=max_questions, prompt="train",
                                    released_pairing=released_pairing, skips=skips)],
     }

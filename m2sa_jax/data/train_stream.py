@@ -1,11 +1,13 @@
-"""The training input stream: seeded, resumable batches of fixed shape from an MMR-format split.
+"""The training input stream: seeded, resumable batches of fixed shape from an MMR-format split
+or any random-access source of samples (the training mixture, ``data.mixed.MixedSource``).
 
 Record ``i`` of a virtual ``epochs × records`` range is record ``i % n`` with its questions
-drawn by a generator seeded with ``(seed, i)``, so an item is a pure function of its index;
-grain (``data.loader.Loader``) shuffles and shards the range and its state is the whole
-iterator state. Each batch takes exactly ``images_per_batch`` examples, so nothing is held back
-between batches and the saved state resumes exactly. Examples that cannot fit the static
-shapes are skipped and counted, never truncated.
+drawn by a generator seeded with ``(seed, i)``, so an item is a pure function of its index
+(a source without ``sample(index, rng)`` — e.g. the mixture — must already be one: item
+``i`` is ``source[i % n]``); grain (``data.loader.Loader``) shuffles and shards the range and
+its state is the whole iterator state. Each batch takes exactly ``images_per_batch``
+examples, so nothing is held back between batches and the saved state resumes exactly.
+Examples that cannot fit the static shapes are skipped and counted, never truncated.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from m2sa_jax.data.loader import Loader
+from m2sa_jax.data.loader import Loader, RandomAccessSource
 from m2sa_jax.data.mmr import MMRDataset
 from m2sa_jax.data.pipeline import BatchShapes, collate, prepare_example
 from m2sa_jax.data.skips import SkipCounter
@@ -24,22 +26,39 @@ from m2sa_jax.data.types import BadRecord
 
 
 class EpochSource:
-    """Random access over ``epochs`` passes of a dataset, each item seeded by its index."""
+    """Random access over ``epochs`` passes of a dataset, each item seeded by its index.
 
-    def __init__(self, dataset: MMRDataset, epochs: int, seed: int):
+    ``dataset`` is an MMRDataset (or any source with ``sample(index, rng)``: item ``i`` draws
+    its questions with a generator seeded by ``(seed, i)``), or a random-access source whose
+    ``source[i]`` already is a pure function of ``i`` (``MixedSource``, seeded by its own seed;
+    its passes repeat the same draws, so give it enough draws for one pass instead).
+    """
+
+    def __init__(self, dataset: MMRDataset | RandomAccessSource, epochs: int, seed: int):
         if len(dataset) == 0:
-            raise ValueError(f"{dataset.json_path}: no usable records")
+            raise ValueError(f"{_name(dataset)}: no usable records")
         self.dataset, self.epochs, self.seed = dataset, epochs, seed
+        self.seeded_here = callable(getattr(dataset, "sample", None))
 
     def __len__(self) -> int:
         return len(self.dataset) * self.epochs
 
     def __getitem__(self, index: int):
+        if not self.seeded_here:
+            return self.dataset[index % len(self.dataset)]
         rng = np.random.default_rng([self.seed, index])
         return self.dataset.sample(index % len(self.dataset), rng)
 
     def __repr__(self) -> str:
-        return f"EpochSource({self.dataset.json_path}, epochs={self.epochs}, seed={self.seed})"
+        # compared by grain when a state is restored: no addresses in it
+        return f"EpochSource({_name(self.dataset)}, epochs={self.epochs}, seed={self.seed})"
+
+
+def _name(dataset) -> str:
+    path = getattr(dataset, "json_path", None)
+    if path is not None:
+        return str(path)
+    return f"{type(dataset).__qualname__}(n={len(dataset)}, seed={getattr(dataset, 'seed', None)})"
 
 
 @dataclasses.dataclass
@@ -54,9 +73,10 @@ class StreamConfig:
 class TrainStream:
     """Iterator of collated batches with ``get_state``/``set_state`` for checkpoints."""
 
-    def __init__(self, dataset: MMRDataset, tokenizer: LegacyLlamaTokenizer, cfg: StreamConfig,
-                 *, seed: int, epochs: int, skips: SkipCounter | None = None,
-                 shard_index: int | None = None, shard_count: int | None = None):
+    def __init__(self, dataset: MMRDataset | RandomAccessSource,
+                 tokenizer: LegacyLlamaTokenizer, cfg: StreamConfig, *, seed: int, epochs: int,
+                 skips: SkipCounter | None = None, shard_index: int | None = None,
+                 shard_count: int | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.skips = skips if skips is not None else SkipCounter()
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2sa_jax.data import mixed
 from m2sa_jax.data.mmr import MMRDataset, mmr_split_path
 from m2sa_jax.data.pipeline import BatchShapes
 from m2sa_jax.data.skips import SkipCounter
@@ -29,6 +30,8 @@ from m2sa_jax.training.step import make_train_step
 
 
 TRAIN_LOG = "train_log.jsonl"      # one JSON line per step: step, lr, finite, loss terms
+# data.kind: the generated demo data, one MMR split, or the paper's four-group mixture
+DATA_KINDS = ("synthetic", "mmr", "mixture")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -43,13 +46,31 @@ def _lora_cfg(cfg):
                                dropout=float(lc["dropout"]), targets=tuple(lc["targets"]))
 
 
+def check_data_kind(cfg) -> str:
+    if cfg.data.kind not in DATA_KINDS:
+        raise ValueError(f"unknown data.kind {cfg.data.kind!r}; choose one of {DATA_KINDS}")
+    return cfg.data.kind
+
+
+def data_roots(cfg) -> tuple[str, str]:
+    """The MMR split folder and its image root for a non-synthetic config: the held-out split
+    is read from there, and so is the training split for ``data.kind = "mmr"``. For the
+    mixture, unset ``data.mmr_root`` / ``data.image_root`` default to the dataset root's
+    layout (docs/datasets.md). Without a root they stay as set (eval.py and the export build a
+    model from a paper config without any training data)."""
+    if check_data_kind(cfg) == "mmr" or not cfg.data.get("root"):
+        return cfg.data.mmr_root, cfg.data.image_root
+    return (cfg.data.get("mmr_root") or mixed.default_mmr_root(cfg.data.root),
+            cfg.data.get("image_root") or mixed.default_mmr_image_root(cfg.data.root))
+
+
 def build(cfg):
     """Model config, initial variables, tokenizer and data roots for a config."""
-    if cfg.data.kind == "synthetic":
+    if check_data_kind(cfg) == "synthetic":
         root, tok_dir = setup.synthetic_data(cfg)
         images = os.path.join(root, "images")
     else:
-        root, images, tok_dir = cfg.data.mmr_root, cfg.data.image_root, None
+        (root, images), tok_dir = data_roots(cfg), None
     if cfg.model.init == "random":
         if tok_dir is None:
             raise ValueError("model.init=random needs a tokenizer folder (data.kind=synthetic "
@@ -104,17 +125,40 @@ def _opt_sharding(leaf, mesh):
     return sharding.replicated(mesh)
 
 
-def _train_stream(cfg, config, tokenizer, root, images, skips):
-    dataset = MMRDataset(mmr_split_path(root, "train"), images,
-                         max_questions=cfg.data.max_questions, prompt="train",
-                         released_pairing=cfg.data.released_pairing, skips=skips)
+def _train_stream(cfg, config, tokenizer, root, images, skips, *, shard_index=None,
+                  shard_count=None):
+    """The training batches: one MMR split (``root``/MMR_train.json) or, for
+    ``data.kind = "mixture"``, the paper's mixture under ``data.root`` (its MMR group read from
+    ``root`` and ``images``)."""
     shapes = batch_shapes(cfg)
-    per_epoch = max(1, len(dataset) // shapes.images)
-    epochs = max(1, math.ceil(cfg.train.steps * cfg.train.grad_accum / per_epoch) + 1)
+    if check_data_kind(cfg) == "mixture":
+        if not cfg.data.get("root"):
+            raise ValueError("data.kind=mixture needs --config.data.root=DIR (one dataset root "
+                             "laid out as docs/datasets.md says)")
+        # One pass of distinct draws, each a pure function of (seed, draw): twice what the run
+        # consumes, so that examples skipped for not fitting the batch shapes (and, on several
+        # hosts, the split of draws between hosts) cannot exhaust it. The size costs nothing.
+        hosts = shard_count if shard_count is not None else jax.process_count()
+        draws = 2 * cfg.train.steps * cfg.train.grad_accum * shapes.images * hosts
+        dataset = mixed.training_mixture(
+            cfg.data.root, seed=cfg.seed, draws_per_epoch=max(draws, shapes.images * hosts),
+            ratios=dict(cfg.data.ratios), sem_seg=tuple(cfg.data.sem_seg),
+            refer_seg=tuple(cfg.data.refer_seg), vqa_data=cfg.data.vqa_data,
+            mmr_json=mmr_split_path(root, "train"), mmr_image_root=images,
+            max_questions=cfg.data.max_questions, released_pairing=cfg.data.released_pairing,
+            skips=skips)
+        epochs = 1
+    else:
+        dataset = MMRDataset(mmr_split_path(root, "train"), images,
+                             max_questions=cfg.data.max_questions, prompt="train",
+                             released_pairing=cfg.data.released_pairing, skips=skips)
+        per_epoch = max(1, len(dataset) // shapes.images)
+        epochs = max(1, math.ceil(cfg.train.steps * cfg.train.grad_accum / per_epoch) + 1)
     return TrainStream(dataset, tokenizer, StreamConfig(
         shapes=shapes, sam_size=config.sam.img_size, clip_size=config.llava.vision.image_size,
         max_length=cfg.data.model_max_length, read_threads=cfg.data.read_threads),
-        seed=cfg.seed, epochs=epochs, skips=skips)
+        seed=cfg.seed, epochs=epochs, skips=skips, shard_index=shard_index,
+        shard_count=shard_count)
 
 
 def _next_batch(stream, grad_accum):
