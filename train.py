@@ -29,6 +29,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multihost: this process'
 def main(argv):
     del argv
     import jax
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # checkpoint libraries log every save at INFO
 
     if _MULTIHOST.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,

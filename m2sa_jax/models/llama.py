@@ -49,6 +49,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    initializer_range: float = 0.02  # std of the random init (HF's field); converted weights ignore it
     # how to run it
     scan_layers: bool = False
     remat_policy: str = "none"
@@ -93,6 +94,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            initializer_range=float(cfg.get("initializer_range", 0.02)),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -108,7 +110,7 @@ class LlamaConfig:
             rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
-            mlp_bias=self.mlp_bias, hidden_act="silu")
+            mlp_bias=self.mlp_bias, initializer_range=self.initializer_range, hidden_act="silu")
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -173,7 +175,7 @@ def apply_rope(x, cos, sin):
 
 def _dense(features, use_bias, cfg: LlamaConfig, name):
     return nn.Dense(features, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                    kernel_init=nn.initializers.normal(0.02), name=name)
+                    kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
 
 
 class Attention(nn.Module):
@@ -267,7 +269,7 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                                      param_dtype=cfg.param_dtype,
-                                     embedding_init=nn.initializers.normal(0.02))
+                                     embedding_init=nn.initializers.normal(cfg.initializer_range))
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, False, cfg, "lm_head")
