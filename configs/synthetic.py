@@ -25,13 +25,14 @@ def get_config(arg: str | None = None):
     c.model.sam_checkpoint = ""
     c.model.llm = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                       rms_norm_eps=1e-6, rope_theta=10000.0, scan_layers=False,
+                       rms_norm_eps=1e-6, rope_theta=10000.0, initializer_range=0.02,
+                       scan_layers=False,
                        remat_policy="none")
     c.model.clip = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=2, image_size=112, patch_size=16)   # 49 image rows
     c.model.sam = dict(model_type="vit_b", encoder_embed_dim=96, encoder_depth=4,
                        encoder_num_heads=4, global_attn_indexes=(1, 3), window_size=8,
-                       img_size=256, prompt_embed_dim=128, decoder_mlp_dim=512,
+                       img_size=256, patch_size=16, prompt_embed_dim=128, decoder_mlp_dim=512,
                        decoder_num_heads=4, iou_head_hidden_dim=128)
     c.model.compute_dtype = "float32"
 
@@ -52,17 +53,20 @@ def get_config(arg: str | None = None):
     c.data.read_threads = 2
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 2000                      # ≈11 min at ~3 steps/s on 2 idle cores
-    c.train.lr = 2e-3
-    c.train.warmup_steps = 50
+    c.train.steps = 3300                      # ≈11 min at ~5 steps/s on 2 idle cores
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 100
     c.train.grad_accum = 1
     c.train.b1, c.train.b2 = 0.9, 0.95
     c.train.weight_decay = 0.0
     c.train.clip_norm = 1.0
-    # The paper's loss weights (Dice-heavy), lr 2e-3 and 2 images per batch: on this dataset
-    # val gIoU 0.19 after 800 steps, against 0.12 after 400 steps with the public code's
-    # bce 2.0 / dice 0.5, lr 1e-3 and 4 images per batch (both runs on a loaded 2-core CPU).
-    c.train.ce_weight, c.train.bce_weight, c.train.dice_weight = 1.0, 0.5, 2.0
+    # Dice-heavy mask loss (the paper's bce 0.5 / dice 2) and a small text weight. In a model this
+    # small, trained from scratch, the text loss at full weight drives the hidden states that
+    # feed the [SEG] projector (the positions that predict [SEG]) to one shared direction: every
+    # [SEG] embedding becomes the same vector and the masks ignore the question (val gIoU 0.22
+    # after 1,000 steps, [SEG] embeddings at cosine similarity 1.000). At 0.005 the answers are
+    # still learned (text CE ≈ 0.01) and the masks follow the question.
+    c.train.ce_weight, c.train.bce_weight, c.train.dice_weight = 0.005, 0.5, 2.0
     c.train.lora = dict(rank=0, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj"))
     c.train.trainable = ("params/.*",)        # from scratch: everything trains
     c.train.log_every = 25

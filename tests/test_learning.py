@@ -25,12 +25,18 @@ def test_synthetic_run_learns(tmp_path):
     summary = train(cfg, str(tmp_path / "run"), progress=False)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
     assert len(rows) == cfg.train.steps and all(r["finite"] for r in rows)
-    first = statistics.mean(r["loss"] for r in rows[:20])
-    last = statistics.mean(r["loss"] for r in rows[-20:])
+    mean = lambda key, part: statistics.mean(r[key] for r in part)  # noqa: E731
+    head, tail = rows[:20], rows[-20:]
+    mask_first = mean("bce", head) + mean("dice", head)
+    mask_last = mean("bce", tail) + mean("dice", tail)
     before = summary["untrained"]["metrics"]["all"]["giou"]
     after = summary["trained"]["metrics"]["all"]["giou"]
-    print(f"\nloss {first:.3f} -> {last:.3f}; val gIoU {before:.3f} -> {after:.3f}")
-    assert last < 0.6 * first
+    print(f"\nloss {mean('loss', head):.3f} -> {mean('loss', tail):.3f} (text {mean('ce', head):.4f}"
+          f" -> {mean('ce', tail):.4f}, masks {mask_first:.3f} -> {mask_last:.3f}); "
+          f"val gIoU {before:.3f} -> {after:.3f}")
+    assert mean("loss", tail) < 0.9 * mean("loss", head)
+    assert mean("ce", tail) < 0.5 * mean("ce", head)       # the answers are learned
+    assert mask_last < 0.9 * mask_first                   # and the masks
     assert after > 2 * before and after > before + 0.04
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert any((tmp_path / "run" / "overlays").iterdir())

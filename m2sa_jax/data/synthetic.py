@@ -6,10 +6,13 @@ Each image (default 160×160 PNG) shows 2–3 objects of five kinds, each built 
     bottle: cap, neck, body      car: windows, body, wheels
 
 Objects may repeat (two cups) and overlap: later objects are drawn over earlier ones and every
-mask is the *visible* pixels. Distractor shapes (not of any kind) sit in the background and
-sometimes in front. Colours come from a per-part base colour with random jitter and pixel noise
-on a noisy gradient background, so colour alone does not tell the parts apart (a cup handle and
-a lamp pole share tones) but the data stays learnable by a small model in minutes.
+mask is the *visible* pixels. Distractor shapes (not of any kind; a quarter of them in an object
+part's colour) sit in the background and sometimes in front. Each kind has its own hue family and
+its parts differ in shade, with a little random jitter and pixel noise on a greyish gradient
+background: colour tells kinds and most parts apart, which keeps the data learnable from scratch
+by a small model on a CPU in minutes. What it must learn beyond colour: which instance a question
+means (counted from the left), how many targets an answer has, occluded and split parts, and
+which shapes are distractors.
 
 Instances of a kind are numbered from left to right by the centre of their bounding box
 (``cup_1`` is the leftmost cup); the questions that name an instance say so.
@@ -45,6 +48,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+VERSION = 2    # bumped when the same arguments start giving different images or questions
+
 # kind → (width range, height range, what the object is for, {part: what it is for}) in draw order.
 KINDS = {
     "cup": ((40, 52), (44, 56), "hold a hot drink",
@@ -58,12 +63,12 @@ KINDS = {
     "car": ((72, 90), (44, 54), "take you on a trip",
             {"windows": "look outside", "body": "carry the passengers", "wheels": "roll on the road"}),
 }
-PART_COLOURS = {
-    ("cup", "body"): (200, 60, 60), ("cup", "handle"): (230, 200, 60),
-    ("lamp", "shade"): (240, 220, 120), ("lamp", "pole"): (230, 200, 60), ("lamp", "base"): (90, 90, 90),
-    ("chair", "back"): (150, 90, 40), ("chair", "seat"): (190, 120, 50), ("chair", "legs"): (90, 60, 30),
-    ("bottle", "cap"): (200, 60, 60), ("bottle", "neck"): (80, 170, 90), ("bottle", "body"): (60, 140, 80),
-    ("car", "windows"): (120, 190, 230), ("car", "body"): (60, 80, 200), ("car", "wheels"): (30, 30, 30),
+PART_COLOURS = {    # one hue family per kind; its parts differ in lightness and shade
+    ("cup", "body"): (200, 50, 50), ("cup", "handle"): (250, 140, 120),
+    ("lamp", "shade"): (250, 230, 110), ("lamp", "pole"): (190, 160, 40), ("lamp", "base"): (120, 100, 20),
+    ("chair", "back"): (170, 90, 30), ("chair", "seat"): (235, 150, 70), ("chair", "legs"): (105, 50, 15),
+    ("bottle", "cap"): (30, 100, 40), ("bottle", "neck"): (120, 210, 120), ("bottle", "body"): (50, 160, 70),
+    ("car", "windows"): (150, 200, 250), ("car", "body"): (40, 70, 200), ("car", "wheels"): (20, 20, 70),
 }
 OBJECT_IDS = {kind: i + 1 for i, kind in enumerate(KINDS)}
 PART_IDS = {key: 100 + i for i, key in enumerate(PART_COLOURS)}
@@ -126,7 +131,7 @@ def _parts(kind: str, h: int, w: int, x0: float, y0: float, bw: float, bh: float
     raise ValueError(f"unknown kind {kind}")
 
 
-def _noisy_colour(rng, base, jitter=35):
+def _noisy_colour(rng, base, jitter=15):
     return np.clip(np.asarray(base, np.float32) + rng.uniform(-jitter, jitter, 3), 0, 255)
 
 
@@ -137,15 +142,16 @@ class _Scene:
     def __init__(self, rng, size):
         self.rng, self.size = rng, size
         h = w = size
-        a, b = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
+        a = rng.uniform(90, 200) + rng.uniform(-20, 20, 3)         # greyish, slightly tinted
+        b = rng.uniform(90, 200) + rng.uniform(-20, 20, 3)
         t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
         self.rgb = (a * (1 - t) + b * t) * np.ones((1, w, 1), np.float32)
-        self.rgb += rng.normal(0, 14, (h, w, 3)).astype(np.float32)
+        self.rgb += rng.normal(0, 6, (h, w, 3)).astype(np.float32)
         self.labels = np.zeros((h, w), np.int32)
         self.pieces: dict[int, tuple[int, str, int]] = {}    # label → (object index, part, piece)
         self.next_label = 1
 
-    def paint(self, mask, colour, key=None, texture=12.0):
+    def paint(self, mask, colour, key=None, texture=6.0):
         colour = np.asarray(colour, np.float32)
         noise = self.rng.normal(0, texture, (int(mask.sum()), 3)).astype(np.float32)
         self.rgb[mask] = colour + noise
@@ -163,8 +169,8 @@ class _Scene:
         shape = (_ellipse(s, s, cx, cy, rx, ry) if rng.random() < 0.5
                  else _rect(s, s, cx - rx, cy - ry, cx + rx, cy + ry))
         base = list(PART_COLOURS.values())[int(rng.integers(len(PART_COLOURS)))] \
-            if rng.random() < 0.5 else rng.uniform(0, 255, 3)
-        self.paint(shape, _noisy_colour(rng, base, 50))
+            if rng.random() < 0.25 else rng.uniform(0, 255, 3)
+        self.paint(shape, _noisy_colour(rng, base, 40))
 
 
 def _layout(rng, size, kinds):

@@ -181,7 +181,8 @@ def synthetic_data(cfg) -> tuple[str, str]:
     root = cfg.data.root
     tok_dir = os.path.join(root, "tokenizer")
     marker = os.path.join(root, "COMPLETE")
-    want = f"{cfg.data.train_images} {cfg.data.val_images} {cfg.data.generator_seed} {cfg.data.vocab_size}"
+    want = (f"{cfg.data.train_images} {cfg.data.val_images} {cfg.data.generator_seed} "
+            f"{cfg.data.vocab_size} v{synthetic.VERSION}")          # a new generator regenerates
     if not (os.path.isfile(marker) and open(marker).read() == want):
         synthetic.generate(root, cfg.data.train_images, cfg.data.val_images,
                            seed=cfg.data.generator_seed)
