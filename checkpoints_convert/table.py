@@ -43,7 +43,9 @@ def _conv2d_inv(w):
 def _conv_transpose2d(w):
     # torch ConvTranspose2d weight [I, O, kh, kw]. flax ConvTranspose (transpose_kernel=False)
     # computes a fractionally strided *correlation*, torch a true transposed convolution,
-    # so the spatial axes are flipped: kernel [kh, kw, I, O] = w[:, :, ::-1, ::-1].
+    # so the spatial axes are flipped: kernel [kh, kw, I, O] = w[:, :, ::-1, ::-1]. SAM's
+    # upscaling (models.sam.Upscale2x, an einsum) keeps this flax layout, so converted
+    # checkpoints written before it still load.
     return np.ascontiguousarray(np.transpose(w, (2, 3, 0, 1))[::-1, ::-1])
 
 
