@@ -62,7 +62,7 @@ def random_params(config, trainable_f32=None):
     import jax
     import jax.numpy as jnp
 
-    from checkpoints_convert.table import flatten, unflatten
+    from m2sa_jax.tree import flatten, unflatten
     from m2sa_jax.models.m2sa import abstract_params
 
     flat = flatten(abstract_params(config))

@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from m2sa_jax.tree import flatten, unflatten
+
 
 class ConversionError(ValueError):
     """A checkpoint does not match the mapping table."""
@@ -112,29 +114,6 @@ class Rule:
 
 def skip(source: str) -> Rule:
     return Rule(source, None)
-
-
-def flatten(tree: Mapping, prefix: str = "") -> dict:
-    """Nested dict → {'a/b/c': leaf}."""
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten(v, path))
-        else:
-            out[path] = v
-    return out
-
-
-def unflatten(flat: Mapping[str, object]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
 
 
 def _fmt(n: int, items: Iterable[str]) -> str:

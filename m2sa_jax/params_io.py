@@ -47,7 +47,7 @@ def load_params(directory: str, expected: Mapping | None = None) -> dict:
     """Restores the parameter tree; with ``expected`` (abstract tree), checks names and shapes."""
     import orbax.checkpoint as ocp
 
-    from checkpoints_convert.table import flatten
+    from m2sa_jax.tree import flatten
 
     directory = os.path.abspath(directory)
     target = os.path.join(directory, PARAMS_DIR)

@@ -107,7 +107,7 @@ def initial_value(path: str, shape) -> np.ndarray:
 
 def host_variables(abstract) -> dict:
     """Host values for every leaf (what a loaded checkpoint would give)."""
-    from checkpoints_convert.table import flatten, unflatten
+    from m2sa_jax.tree import flatten, unflatten
 
     return unflatten({p: initial_value(p, s.shape) for p, s in flatten(abstract).items()})
 
@@ -119,7 +119,7 @@ def run_step(mesh, memory: bool = False) -> tuple[float, dict]:
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
 
-    from checkpoints_convert.table import flatten
+    from m2sa_jax.tree import flatten
     from m2sa_jax.training import memory_plan, sharding
 
     cfg = tiny_config()

@@ -12,6 +12,7 @@ from checkpoints_convert.table import convert
 from checkpoints_convert.llava import clip_rules
 from m2sa_jax.data.preprocess import clip_preprocess
 from m2sa_jax.models import clip
+from m2sa_jax.tree import count_params
 
 
 def _tiny():
@@ -53,7 +54,7 @@ def test_vit_l14_parameter_count():
     """ViT-L/14 at 224, post_layernorm included (it is in every checkpoint, as in
     transformers' CLIPVisionModel)."""
     hf_count = 303_179_776
-    assert clip.count_params(clip.param_shapes(clip.CLIPVisionConfig())) == hf_count
+    assert count_params(clip.param_shapes(clip.CLIPVisionConfig())) == hf_count
     with torch.device("meta"):
         ref = HFCLIPVisionModel(HFCLIPVisionConfig(
             hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,

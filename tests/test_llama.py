@@ -19,6 +19,7 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from checkpoints_convert import llava as convert_llava
 from m2sa_jax.models import llama
+from m2sa_jax.tree import count_params
 from m2sa_helpers import write_sharded_bin
 
 VOCAB = 101
@@ -165,10 +166,10 @@ def test_parameter_counts():
     thirteen = llama.LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                                  num_attention_heads=40, num_key_value_heads=40, head_dim=128,
                                  **base)
-    assert llama.count_params(llama.param_shapes(seven)) == 6_738_440_192
-    assert llama.count_params(llama.param_shapes(thirteen)) == 13_015_895_040
+    assert count_params(llama.param_shapes(seven)) == 6_738_440_192
+    assert count_params(llama.param_shapes(thirteen)) == 13_015_895_040
     scanned = dataclasses.replace(thirteen, scan_layers=True)
-    assert llama.count_params(llama.param_shapes(scanned)) == 13_015_895_040
+    assert count_params(llama.param_shapes(scanned)) == 13_015_895_040
 
 
 def test_bfloat16_compute_close_to_float32(checkpoints):

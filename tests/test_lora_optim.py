@@ -20,7 +20,7 @@ import optax
 import pytest
 
 import train_tiny
-from checkpoints_convert.table import flatten, unflatten
+from m2sa_jax.tree import flatten, unflatten
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.models import llama
 from m2sa_jax.models import lora as lora_lib

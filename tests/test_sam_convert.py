@@ -13,7 +13,8 @@ from checkpoints_convert.__main__ import main as cli
 from checkpoints_convert.io import UnsafeCheckpointError
 from checkpoints_convert.sam import convert_sam, infer_config
 from checkpoints_convert.table import ConversionError
-from m2sa_jax.models.sam import abstract_params, count_params, narrow_config, sam_config
+from m2sa_jax.models.sam import abstract_params, narrow_config, sam_config
+from m2sa_jax.tree import count_params
 from m2sa_jax.params_io import load_meta, load_params
 from test_sam_support import torch_sam
 

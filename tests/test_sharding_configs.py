@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
-from checkpoints_convert.table import flatten
+from m2sa_jax.tree import flatten
 from m2sa_jax.training import memory_plan, optim, setup, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import train_tiny
-from checkpoints_convert.table import flatten
+from m2sa_jax.tree import flatten
 from m2sa_jax.training import loop
 
 K = 3

@@ -18,7 +18,6 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +152,3 @@ def param_shapes(config: CLIPVisionConfig) -> dict:
     px = jnp.zeros((1, config.image_size, config.image_size, config.num_channels))
     return jax.eval_shape(lambda: model.init(jax.random.key(0), px))["params"]
 
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -367,6 +367,3 @@ def param_shapes(config: LlamaConfig) -> dict:
     ids = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]
 
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

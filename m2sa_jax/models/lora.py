@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from checkpoints_convert.table import flatten, unflatten
+from m2sa_jax.tree import flatten, unflatten
 
 COLLECTION = "lora"
 

@@ -22,7 +22,6 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from m2sa_jax.models import llava as llava_lib
 from m2sa_jax.models import sam as sam_lib
@@ -215,6 +214,3 @@ def abstract_params(config: M2SAConfig) -> dict:
         jax.random.key(0), jnp.zeros((1, d))))["params"]
     return {"llava": llava_shapes, "sam": sam_shapes, "text_hidden_fcs": fcs}
 
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -735,7 +735,7 @@ def abstract_params(config: SamConfig):
 
 def init_params(config: SamConfig, seed: int = 0):
     """Random parameters of ``Sam(config)`` (tests, demo). Small image → fast init."""
-    from checkpoints_convert.table import flatten, unflatten
+    from m2sa_jax.tree import flatten, unflatten
 
     flat = flatten(abstract_params(config))
     rng = np.random.default_rng(seed)
@@ -748,9 +748,6 @@ def init_params(config: SamConfig, seed: int = 0):
     return unflatten(out)
 
 
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
 
 def select_compute_dtype(name: Optional[str]):
     return {None: jnp.float32, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
@@ -759,5 +756,5 @@ def select_compute_dtype(name: Optional[str]):
 __all__: Sequence[str] = (
     "SamConfig", "SAM_CONFIGS", "sam_config", "narrow_config", "Sam", "ImageEncoderViT",
     "PromptEncoder", "MaskDecoder", "postprocess_masks", "postprocess_masks_padded",
-    "get_rel_pos", "abstract_params", "init_params", "count_params", "interpolate_bilinear",
+    "get_rel_pos", "abstract_params", "init_params", "interpolate_bilinear",
 )

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 import jax
 import optax
 
-from checkpoints_convert.table import flatten, unflatten
+from m2sa_jax.tree import flatten, unflatten
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 

@@ -82,7 +82,7 @@ def random_params(config: M2SAConfig, seed: int) -> dict:
     params = dict(params)
     params["llava"] = dict(params["llava"], vision_tower=full_clip["params"])
     # SAM leaves of paths this forward does not take (the mask-prompt convs) from SAM's own init.
-    from checkpoints_convert.table import flatten, unflatten
+    from m2sa_jax.tree import flatten, unflatten
     from m2sa_jax.models.sam import init_params as sam_init
 
     flat = flatten(params)
@@ -94,7 +94,7 @@ def random_params(config: M2SAConfig, seed: int) -> dict:
 
 
 def _check_tree(params, shapes):
-    from checkpoints_convert.table import flatten
+    from m2sa_jax.tree import flatten
 
     got, want = flatten(params), flatten(shapes)
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))

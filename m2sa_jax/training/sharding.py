@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from checkpoints_convert.table import flatten, unflatten
+from m2sa_jax.tree import flatten, unflatten
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from checkpoints_convert.table import flatten, unflatten
+from m2sa_jax.tree import flatten, unflatten
 from m2sa_jax.models import lora as lora_lib
 from m2sa_jax.models.m2sa import M2SA, compute_losses
 from m2sa_jax.training.optim import TRAINABLE
