@@ -1,29 +1,16 @@
 """The learning demo, shortened (configs/synthetic.py:ci): the whole system — synthetic MMR data,
 tokenizer, M²SA from scratch, train step, checkpoints, teacher-forced evaluation — must learn:
-the loss falls and validation gIoU rises well above the untrained model's."""
+the loss falls and validation gIoU rises well above the untrained model's. The run is the
+session's shared ``trained_ci_run`` (tests/conftest.py), so other tests can use the model."""
 
-import importlib.util
 import json
 import os
 import statistics
 
-from m2sa_jax.training.loop import train
 
-_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
-
-
-def _config(arg):
-    spec = importlib.util.spec_from_file_location("synthetic_config", _CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def test_synthetic_run_learns(tmp_path):
-    cfg = _config("ci")
-    cfg.data.root = str(tmp_path / "data")
-    summary = train(cfg, str(tmp_path / "run"), progress=False)
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
+def test_synthetic_run_learns(trained_ci_run):
+    cfg, summary, run = trained_ci_run.cfg, trained_ci_run.summary, trained_ci_run.workdir
+    rows = [json.loads(line) for line in open(os.path.join(run, "train_log.jsonl"))]
     assert len(rows) == cfg.train.steps and all(r["finite"] for r in rows)
     mean = lambda key, part: statistics.mean(r[key] for r in part)  # noqa: E731
     head, tail = rows[:20], rows[-20:]
@@ -38,5 +25,5 @@ def test_synthetic_run_learns(tmp_path):
     assert mean("ce", tail) < 0.5 * mean("ce", head)       # the answers are learned
     assert mask_last < 0.9 * mask_first                   # and the masks
     assert after > 2 * before and after > before + 0.04
-    assert (tmp_path / "run" / "metrics.json").is_file()
-    assert any((tmp_path / "run" / "overlays").iterdir())
+    assert os.path.isfile(os.path.join(run, "metrics.json"))
+    assert any(os.scandir(os.path.join(run, "overlays")))
