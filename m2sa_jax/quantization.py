@@ -276,9 +276,12 @@ def abstract_quantized(abstract_params, quantize, **kwargs):
 
 
 def cast_floats(params, dtype):
-    """Float leaves cast to ``dtype``; quantized leaves (values and scales) untouched."""
+    """Float leaves and the quantized leaves' scales cast to ``dtype`` (the compute dtype: the
+    scales' dtype is the dequantized weights' dtype); integer values untouched."""
     def cast(x):
-        if is_quantized_leaf(x) or not jnp.issubdtype(x.dtype, jnp.floating):
+        if is_quantized_leaf(x):
+            return x.replace(array=x.array.replace(scale=jnp.asarray(x.array.scale, dtype)))
+        if not jnp.issubdtype(x.dtype, jnp.floating):
             return x
         return jnp.asarray(x, dtype)
 
@@ -414,13 +417,14 @@ def check_request(directory: str, meta: Mapping[str, Any], quantize, *, vision: 
     return held
 
 
-def restore(directory: str, *, quantize=None, vision: bool = False):
+def restore(directory: str, *, quantize=None, vision: bool = False, scale_dtype=None):
     """(params, spec, meta) of a converted directory.
 
     A directory stored quantized is restored as stored (integer values + scales, never a float
     copy of those weights); ``quantize`` must then name its scheme or be None. A float directory
     with ``quantize`` is restored and then quantized (float weights materialise once, in host
-    memory, before their integer form replaces them).
+    memory, before their integer form replaces them; ``scale_dtype`` as in
+    :func:`quantize_params`).
     """
     from m2sa_jax.params_io import load_meta, load_params
 
@@ -431,5 +435,5 @@ def restore(directory: str, *, quantize=None, vision: bool = False):
     if held is not None:
         params = from_stored(params, held, source=directory)
     elif spec is not None:
-        params = quantize_params(params, spec)
+        params = quantize_params(params, spec, scale_dtype=scale_dtype)
     return params, spec, meta

@@ -193,6 +193,10 @@ def test_what_is_quantized_and_the_bytes(trained_llama):
     deq = np.asarray(Q.dequantize_params(q8)["layers_0"]["mlp"]["down_proj"]["kernel"])
     step = np.abs(w).max(axis=0) / 127.5
     assert np.all(np.abs(deq - w) <= step / 2 + 1e-7)
+    bf = Q.cast_floats(q4, jnp.bfloat16)         # compute-dtype floats and scales, same integers
+    leaf = bf["layers_0"]["mlp"]["down_proj"]["kernel"].array
+    assert leaf.scale.dtype == jnp.bfloat16 and leaf.qvalue.dtype == jnp.int4
+    assert bf["norm"]["weight"].dtype == jnp.bfloat16
 
 
 def _flat(tree):
