@@ -20,8 +20,9 @@ Read the temp column knowing that XLA:CPU has no bfloat16 matmul: it gives each 
 copy of its bfloat16 (or dequantized) weight, which a GPU does not make, and keeps the copies of
 an unrolled stack live together (CLIP's 24 layers: 1.2 GB at ViT-L). ``temp`` on the CPU is
 therefore an upper bound of what a GPU needs; ``--stages`` adds the temp of each stage compiled
-alone (SAM encoder, CLIP tower, decoding) to show where it goes. bench/gpu_decode.py measures
-the decoder's real peak on a GPU.
+alone (SAM encoder, CLIP tower, decoding) to show where it goes, and the staged peak: weights +
+the largest stage, which is what ``M2SAPredictor`` needs, since it runs the stages as separate
+jitted calls. bench/gpu_decode.py measures the decoder's real peak on a GPU.
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ def plan_row(name: str, scheme: str, vision: bool, *, prompt_tokens: int = 64,
                 jnp.float32(1.0), greedy=True), params,
                 jax.ShapeDtypeStruct((1, expanded, text.hidden_size), jnp.bfloat16),
                 jax.ShapeDtypeStruct((1, expanded), jnp.bool_)))
+    if stages:
+        # M2SAPredictor runs the stages as separate jitted calls: its peak is the weights plus
+        # the largest stage (the values passed between stages are a few MB).
+        row["staged_peak_gb"] = m.argument / GB + max(row["stage_temp_gb"].values())
     return dict(config=name, scheme=scheme, vision=vision, **row, weights_gb=weights["total"] / GB,
                 quantized_gb=weights["quantized"] / GB, scales_gb=weights["scales"] / GB,
                 float_gb=weights["float"] / GB, **m.row())
@@ -131,7 +136,8 @@ def plan_row(name: str, scheme: str, vision: bool, *, prompt_tokens: int = 64,
 
 def table(rows: list[dict]) -> str:
     head = ("| model | weights | weight GB (int / scales / float) | argument GB | temp GB | "
-            "peak GB | goal | stage temp GB (SAM / CLIP / decode) | compile s |")
+            "peak GB | goal | stage temp GB (SAM / CLIP / decode) | staged peak GB | "
+            "compile s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         goal = GOALS_GB.get((r["config"], r["scheme"])) if not r["vision"] else None
@@ -139,10 +145,11 @@ def table(rows: list[dict]) -> str:
         scheme = r["scheme"] + (" + ViTs" if r["vision"] else "")
         st = r.get("stage_temp_gb")
         stages = f"{st['sam']:.2f} / {st['clip']:.2f} / {st['decode']:.2f}" if st else ""
+        staged = f"{r['staged_peak_gb']:.2f}" if st else ""
         lines.append(
             f"| {r['config']} | {scheme} | {r['weights_gb']:.2f} ({r['quantized_gb']:.2f} / "
             f"{r['scales_gb']:.2f} / {r['float_gb']:.2f}) | {r['argument_gb']:.2f} | "
-            f"{r['temp_gb']:.2f} | {r['peak_gb']:.2f} | {mark} | {stages} | "
+            f"{r['temp_gb']:.2f} | {r['peak_gb']:.2f} | {mark} | {stages} | {staged} | "
             f"{r['compile_s']:.0f} |")
     return "\n".join(lines)
 
