@@ -18,7 +18,7 @@ The bounds, and why:
   Δ = max|w| / 127.5 (int8, per output column) or max|w| / 7.5 (int4, per 128 input rows) adds
   uniform noise of std Δ/√12 to each weight: for Gaussian weights (the random model, worst case)
   that is ≈ 0.7 % of the weights' std at int8 and ≈ 11 % at int4 per matmul, and the ~5 quantized
-  matmuls on a logit's path add in quadrature: ≈ 1.5 % and ≈ 25 % (measured 1.4 % and 22 %).
+  matmuls on a logit's path add in quadrature: ≈ 1.5 % and ≈ 25 % (measured 1.4 % and 24 %).
   Bounds: 3 % (int8) and 40 % (int4) on random weights; on the trained model the logits are
   dominated by learned directions and the measured errors are 0.14 % / 2.2 %: bounds 1 % / 8 %.
 * Greedy decoding, 16 prompts × 32 new tokens on the trained model: int8 identical on ≥ 15 of 16
