@@ -34,8 +34,8 @@ def main() -> None:
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM as HFLlama
 
-    from checkpoints_convert import llava as convert_llava
-    from checkpoints_convert.table import convert
+    from m2sa_jax.checkpoints import llava as convert_llava
+    from m2sa_jax.checkpoints.table import convert
     from m2sa_jax.evaluation.decode import Generator
     from m2sa_jax.models import llama
 

@@ -42,8 +42,8 @@ def torch_reference(model_type: str, device: str, seed: int = 0):
 
 
 def jax_params_from(sam, model_type: str):
-    from checkpoints_convert.io import to_numpy
-    from checkpoints_convert.sam import convert_sam
+    from m2sa_jax.checkpoints.torch_io import to_numpy
+    from m2sa_jax.checkpoints.sam import convert_sam
     from m2sa_jax.models.sam import sam_config
 
     cfg = sam_config(model_type)

@@ -82,7 +82,9 @@ def get_config(arg: str | None = None):
     c.eval.protocol = "teacher_forced"
     c.eval.images_per_batch = 4
     c.eval.overlays = 6
-    c.eval.checkpoint = ""
+    c.eval.checkpoint = ""                  # any model source (m2sa_jax.checkpoints.resolve)
+    c.eval.vision_tower = ""                # CLIP tower for a folder saved without one
+    c.eval.dtype = "float32"                # language-model dtype at load (bfloat16 halves 7B)
     c.eval.before_training = True           # also score the untrained model (the baseline)
     # eval.py: benchmark, where it lives, and how to batch it (m2sa_jax/evaluation/runner.py).
     c.eval.dataset = "mmr"                  # mmr reasonseg refcoco(+,g) multi_refcoco(+,g) refcocom

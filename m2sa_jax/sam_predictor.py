@@ -37,7 +37,7 @@ class SamPredictor:
     @classmethod
     def from_pretrained(cls, directory: str, dtype: Optional[str] = None) -> "SamPredictor":
         """Loads a directory written by ``python -m checkpoints_convert sam``."""
-        from m2sa_jax.params_io import load_meta, load_params
+        from m2sa_jax.checkpoints.converted import load_meta, load_params
 
         meta = load_meta(directory)
         if meta.get("model") != "sam":

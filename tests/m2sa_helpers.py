@@ -104,3 +104,130 @@ def write_tiny_m2sa_folder(folder: str, variant: str = "m2sa", *, sam_depth: int
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config, f, default=str)
     return ref, seg_id, state
+
+
+def released_state(ref) -> dict:
+    """The state dict as the public merge script saves it: keys containing 'vision_tower'
+    dropped (``{k: v for k, v in state_dict.items() if "vision_tower" not in k}``)."""
+    return {k: v.contiguous() for k, v in ref.state_dict().items() if "vision_tower" not in k}
+
+
+def lisa_config_json(ref, seg_id: int, mm_vision_tower: str) -> dict:
+    """config.json as a released LISA/M²SA folder has it: the LLaMA fields and the LISA/LLaVA
+    ``mm_*`` fields; the CLIP tower is only named, not described."""
+    llama_cfg = ref.llm.config
+    tower_cfg = ref.llm.model.vision_tower.vision_tower.config
+    cfg = {k: v for k, v in llama_cfg.to_dict().items()
+           if k not in ("attn_implementation", "vision_tower")}
+    cfg.update(architectures=["LISAForCausalLM"], model_type="llava",
+               mm_vision_tower=mm_vision_tower, vision_tower=mm_vision_tower,
+               mm_hidden_size=tower_cfg.hidden_size, mm_vision_select_layer=-2,
+               mm_vision_select_feature="patch", mm_use_im_start_end=True,
+               mm_use_im_patch_token=False, use_mm_proj=True, out_dim=256,
+               train_mask_decoder=True, seg_token_idx=seg_id, torch_dtype="float32")
+    return cfg
+
+
+def write_released_m2sa_folder(folder: str, mm_vision_tower: str, *, variant: str = "m2sa",
+                               fmt: str = "bin", seed: int = 0, **sizes):
+    """A LISA/M²SA folder exactly as the public code releases it (no CLIP weights, sharded
+    ``pytorch_model-*.bin`` with an index, or safetensors, config.json naming the tower,
+    tokenizer with [SEG] / <im_start> / <im_end>). Returns (reference model, [SEG] id)."""
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp()
+    try:
+        ref, seg_id, _ = write_tiny_m2sa_folder(scratch, variant, seed=seed, **sizes)
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(scratch):
+            if name.startswith(("tokenizer", "special_tokens_map", "added_tokens")):
+                shutil.copy2(os.path.join(scratch, name), folder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    state = released_state(ref)
+    (write_sharded_bin if fmt == "bin" else write_sharded_safetensors)(state, folder, 2)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(lisa_config_json(ref, seg_id, mm_vision_tower), f, indent=2, default=str)
+    return ref, seg_id
+
+
+def save_clip_tower(ref, folder: str) -> None:
+    """The reference model's CLIP tower saved on its own (CLIPVisionModel.save_pretrained)."""
+    ref.llm.model.vision_tower.vision_tower.save_pretrained(folder)
+
+
+def write_hf_cache_repo(cache: str, repo_id: str, files_from: str,
+                        revision: str = "0123456789abcdef0123456789abcdef01234567") -> str:
+    """A Hugging Face hub cache entry (``models--org--name/{refs/main, snapshots/<rev>/}``)
+    holding copies of the files of ``files_from``. Returns the snapshot folder."""
+    import shutil
+
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", revision)
+    os.makedirs(snapshot, exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(revision)
+    for name in os.listdir(files_from):
+        shutil.copy2(os.path.join(files_from, name), snapshot)
+    return snapshot
+
+
+def save_clip_model_with_tower(ref, folder: str) -> None:
+    """A whole CLIPModel (text and vision halves, like openai/clip-vit-large-patch14 on the hub)
+    whose vision half is the reference model's tower."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    tower = ref.llm.model.vision_tower.vision_tower
+    cfg = CLIPConfig(vision_config=tower.config.to_dict(),
+                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=1000,
+                                      bos_token_id=0, eos_token_id=2, pad_token_id=1),
+                     projection_dim=16)
+    full = CLIPModel(cfg).eval()
+    with torch.no_grad():
+        full.vision_model.load_state_dict(tower.state_dict(), strict=True)
+    full.save_pretrained(folder)
+
+
+def teacher_forced_case(ref, seg_id: int, sp_vocab: int, *, seed: int = 1):
+    """One real photograph (not square) and two questions carrying 2 and 3 [SEG]s, collated
+    for our forward, and the PyTorch reference's mask logits of those 5 targets [5, h, w]."""
+    import numpy as np
+    import torch
+    from skimage import data
+
+    from m2sa_jax.data.preprocess import clip_preprocess, sam_preprocess
+    from torch_m2sa_reference import IMAGE_TOKEN_INDEX
+
+    rng = np.random.default_rng(seed)
+    image = data.astronaut()[::2, ::3]                                   # 256×171
+    body = lambda n: list(rng.integers(3, sp_vocab, n))                 # noqa: E731
+    q0 = [1] + body(4) + [IMAGE_TOKEN_INDEX] + body(8) + [seg_id] + body(3) + [seg_id] + [2]
+    q1 = [1] + body(4) + [IMAGE_TOKEN_INDEX] + body(3) + [seg_id] + body(2) + [seg_id] + \
+        body(2) + [seg_id] + [2]
+    t = max(len(q0), len(q1))
+    ids = np.zeros((2, t), np.int64)
+    am = np.zeros((2, t), np.int64)
+    for i, q in enumerate((q0, q1)):
+        ids[i, :len(q)] = q
+        am[i, :len(q)] = 1
+    size = ref.sam.image_encoder.img_size
+    sam_in, resized, original = sam_preprocess(image, size)
+    clip_in = clip_preprocess(image)
+    with torch.no_grad():
+        r = ref(torch.from_numpy(sam_in).permute(2, 0, 1)[None],
+                torch.from_numpy(clip_in).permute(2, 0, 1)[None],
+                torch.from_numpy(ids), torch.from_numpy(am), torch.tensor([0, 0]),
+                [resized], [original])
+    h, w = original
+    batch = dict(sam_images=sam_in[None], clip_images=clip_in[None],
+                 input_ids=ids.astype(np.int32), attention_mask=am.astype(bool),
+                 conv_image_index=np.array([0, 0], np.int32),
+                 resized_hw=np.array([resized], np.int32),
+                 original_hw=np.array([original], np.int32),
+                 gt_masks=np.zeros((2, 3, h, w), bool))
+    valid = np.array([1, 1, 0, 1, 1, 1], bool)        # slots q·3 + k holding a [SEG]
+    return batch, valid, r["mask_logits"][0].numpy(), image

@@ -357,14 +357,17 @@ TINY_RUN = {"data.train_images": 2, "data.val_images": 3, "data.images_per_batch
 def _save_run_checkpoint(cfg, step: int) -> None:
     """A training workdir as train() leaves it (orbax state + data position), from the freshly
     initialised state: the run's own checkpoint code, without compiling a train step."""
+    from m2sa_jax.checkpoints import runs
     from m2sa_jax.data.skips import SkipCounter
-    from m2sa_jax.training import checkpoint as ckpt_lib
     from m2sa_jax.training import loop
 
-    config, params, tokenizer, root, images = loop.build(cfg)
-    state, *_ = loop.init_state(cfg, config, params, runner.data_mesh())
-    stream = loop._train_stream(cfg, config, tokenizer, root, images, SkipCounter())
-    ckpts = ckpt_lib.RunCheckpoints(os.path.join(cfg.workdir, "checkpoints"), async_save=False)
+    built = loop.build(cfg)
+    state, *_, lora_cfg = loop.init_state(cfg, built.config, built.params, runner.data_mesh())
+    runs.describe_run(cfg.workdir, built.config, lora_cfg, built.tokenizer_folder,
+                      experiment=cfg.to_dict())
+    stream = loop._train_stream(cfg, built.config, built.tokenizer, built.root, built.images,
+                                SkipCounter())
+    ckpts = runs.RunCheckpoints(os.path.join(cfg.workdir, "checkpoints"), async_save=False)
     ckpts.save(step, state, stream.get_state(), force=True)
     ckpts.close()
 
@@ -396,10 +399,17 @@ def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
     assert summary["counts"]["images"] == 3 and summary["metrics"]["all"]["masks"] > 0
     assert summary["skipped"] == {}
 
-    # No checkpoint anywhere: a message that says what to do.
+    # No checkpoint anywhere: a message that says what was tried and what to do.
     cfg.workdir = str(tmp_path / "nothing")
-    with pytest.raises(FileNotFoundError, match="neither a converted LISA/M²SA directory"):
+    with pytest.raises(FileNotFoundError, match="does not exist. Tried:") as e:
         runner.load_model(cfg)
+    assert "training workdir" in str(e.value) and "converted" in str(e.value)
+    # A workdir whose run has not saved a step yet: told to wait or train, not to convert.
+    os.makedirs(tmp_path / "starting" / "checkpoints")
+    cfg.workdir = str(tmp_path / "starting")
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint yet") as e:
+        runner.load_model(cfg)
+    assert "checkpoints_convert" not in str(e.value)
 
 
 def test_generate_protocol_with_the_real_model(fixture):

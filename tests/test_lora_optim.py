@@ -37,7 +37,7 @@ def run(tmp_path_factory):
     cfg = train_tiny.config(root, train__lora__rank=4, train__lora__dropout=0.0,
                             train__trainable=optim.M2SA_TRAINABLE, train__lr=1e-2,
                             train__warmup_steps=0)
-    config, params, tokenizer, root, images = loop.build(cfg)
+    config, params, tokenizer, root, images, *_ = loop.build(cfg)
     mesh = sharding.make_mesh(**dict(cfg.mesh))
     state, _, optimizer, _, labels, lora_cfg = loop.init_state(cfg, config, params, mesh)
     stream = loop._train_stream(cfg, config, tokenizer, root, images, SkipCounter())

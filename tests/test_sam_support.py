@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from checkpoints_convert.sam import convert_sam
-from checkpoints_convert.io import to_numpy
+from m2sa_jax.checkpoints.sam import convert_sam
+from m2sa_jax.checkpoints.torch_io import to_numpy
 from m2sa_jax.models.sam import SamConfig
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 
+from m2sa_jax.checkpoints.resolve import describe_kinds, resolve
 from m2sa_jax.data.pipeline import BatchShapes, Example, collate, iter_examples
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import Sample
@@ -325,54 +326,17 @@ def _image_of(ex: Example) -> np.ndarray:
 
 
 def load_model(cfg):
-    """(M2SAConfig, params, tokenizer, description) of ``eval.checkpoint``: a converted
-    LISA/M²SA directory, or a training workdir (its latest orbax step, LoRA merged). With no
-    checkpoint given, a synthetic config evaluates its own training workdir (``workdir``)."""
-    from m2sa_jax.params_io import META_FILE
-
+    """(M2SAConfig, params, tokenizer, description) of ``eval.checkpoint`` — any model source
+    (:func:`m2sa_jax.checkpoints.resolve.resolve`: a converted directory, a LISA/M²SA PyTorch
+    folder, a training workdir or ``WORKDIR@STEP``, a Hugging Face id in the local cache). With
+    no checkpoint given, a synthetic config evaluates its own training workdir (``workdir``)."""
     path = cfg.eval.checkpoint or (cfg.workdir if cfg.data.kind == "synthetic" else "")
     if not path:
-        raise ValueError("no model to evaluate: pass --config.eval.checkpoint=DIR (a directory "
-                         "written by `python -m checkpoints_convert m2sa`, or a training workdir)")
-    if os.path.isfile(os.path.join(path, META_FILE)):
-        from m2sa_jax.pipeline import load
-
-        predictor = load(path)
-        return predictor.config, predictor.params, predictor.tokenizer, f"converted {path}"
-    from m2sa_jax.training import checkpoint as ckpt_lib
-    from m2sa_jax.training import loop
-
-    ckpt_dir = os.path.join(path, "checkpoints")
-    ckpts = ckpt_lib.RunCheckpoints(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
-    step = ckpts.latest_step() if ckpts is not None else None
-    if step is None:
-        raise FileNotFoundError(
-            f"{os.path.abspath(path)}: neither a converted LISA/M²SA directory (no {META_FILE}) "
-            f"nor a training workdir with a saved step under checkpoints/. Train first "
-            f"(python train.py --config ... --workdir {path}), convert a released model "
-            f"(python -m checkpoints_convert m2sa --src HF_FOLDER --dst DIR), or pass "
-            f"--config.eval.checkpoint=DIR")
-    if cfg.model.init == "random":
-        # The toy configs: the model is defined by the config's sizes, so the saved state is
-        # restored as saved (no restore target: the random init and optimizer are not built).
-        import orbax.checkpoint as ocp
-
-        from m2sa_jax.training import setup
-
-        _, tok_dir = setup.synthetic_data(cfg)
-        tokenizer = setup.load_tokenizer(tok_dir, cfg.data.model_max_length)
-        config = setup.model_config_from_sizes(cfg, tokenizer.seg_token_id, len(tokenizer))
-        restored = ckpts.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))["state"]
-    else:
-        # Pretrained inits: the restore target comes from the run's own state layout.
-        config, params, tokenizer, _, _ = loop.build(cfg)
-        state, *_ = loop.init_state(cfg, config, params, data_mesh())
-        del params
-        restored, _ = ckpts.restore(step, ckpt_lib.abstract_like(state))
-    ckpts.close()
-    params = jax.device_get(loop.merged_params(restored, loop._lora_cfg(cfg)))
-    return config, params, tokenizer, f"training workdir {path} step {step}"
+        raise ValueError("no model to evaluate: pass --config.eval.checkpoint=SOURCE ("
+                         + describe_kinds() + ")")
+    model = resolve(path, vision_tower=cfg.eval.get("vision_tower") or None,
+                    dtype=cfg.eval.get("dtype") or "float32")
+    return model.config, model.params, model.tokenizer, model.description
 
 
 def load_samples(cfg) -> tuple[list[Sample], SkipCounter]:

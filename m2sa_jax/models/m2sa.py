@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m2sa_jax.models import clip, llama
 from m2sa_jax.models import llava as llava_lib
 from m2sa_jax.models import sam as sam_lib
 from m2sa_jax.training import losses as losses_lib
@@ -48,6 +49,29 @@ class M2SAConfig:
     @property
     def out_dim(self) -> int:
         return self.sam.prompt_embed_dim
+
+    def to_meta(self) -> dict:
+        """The architecture as JSON-able metadata (a converted directory's ``m2sa_meta.json``
+        and a training run's ``model.json`` carry it); :meth:`from_meta` reads it back."""
+        lv = self.llava
+        return dict(model="m2sa", variant=self.variant, seg_token_id=self.seg_token_id,
+                    scan_layers=lv.text.scan_layers, text_config=lv.text.to_hf(),
+                    vision_config=lv.vision.to_hf(), projector_type=lv.projector_type,
+                    image_token_index=lv.image_token_index,
+                    vision_feature_layer=lv.vision_feature_layer, sam_config=self.sam.to_dict())
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], **text_overrides) -> "M2SAConfig":
+        if meta.get("model") != "m2sa":
+            raise ValueError(f"metadata of a {meta.get('model')!r} model, not LISA/M²SA")
+        text = llama.LlamaConfig.from_hf(meta["text_config"],
+                                         scan_layers=meta["scan_layers"], **text_overrides)
+        vision = clip.CLIPVisionConfig.from_hf(meta["vision_config"])
+        lv = llava_lib.LlavaConfig(text=text, vision=vision, projector_type=meta["projector_type"],
+                                   image_token_index=meta["image_token_index"],
+                                   vision_feature_layer=meta["vision_feature_layer"])
+        return cls(llava=lv, sam=sam_lib.SamConfig.from_dict(meta["sam_config"]),
+                   seg_token_id=meta["seg_token_id"], variant=meta["variant"])
 
 
 class TextHiddenFcs(nn.Module):

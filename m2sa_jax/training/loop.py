@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,11 @@ from m2sa_jax.data.pipeline import BatchShapes
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.train_stream import StreamConfig, TrainStream
 from m2sa_jax.models import lora as lora_lib
-from m2sa_jax.models.m2sa import M2SA
-from m2sa_jax.training import checkpoint as ckpt_lib
+from m2sa_jax.models.m2sa import M2SA, M2SAConfig
+from m2sa_jax.checkpoints import runs
+from m2sa_jax.checkpoints.runs import RunCheckpoints, abstract_like
+from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from m2sa_jax.training.checkpoint import StopFlag
 from m2sa_jax.training import optim, setup, sharding
 from m2sa_jax.training.step import make_train_step
 
@@ -39,11 +43,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def _lora_cfg(cfg):
-    lc = dict(cfg.train.lora)
-    if not lc.get("rank"):
-        return None
-    return lora_lib.LoraConfig(rank=int(lc["rank"]), alpha=float(lc["alpha"]),
-                               dropout=float(lc["dropout"]), targets=tuple(lc["targets"]))
+    return lora_lib.LoraConfig.from_dict(cfg.train.lora)
 
 
 def check_data_kind(cfg) -> str:
@@ -64,8 +64,20 @@ def data_roots(cfg) -> tuple[str, str]:
             cfg.data.get("image_root") or mixed.default_mmr_image_root(cfg.data.root))
 
 
-def build(cfg):
-    """Model config, initial variables, tokenizer and data roots for a config."""
+class Built(NamedTuple):
+    """What a run starts from."""
+
+    config: M2SAConfig
+    params: dict
+    tokenizer: LegacyLlamaTokenizer
+    root: str                   # the MMR split folder (the held-out split is read from there)
+    images: str                 # its image root
+    tokenizer_folder: str
+    source_config: dict         # config.json of the initial checkpoint ({} if none)
+
+
+def build(cfg) -> Built:
+    """Model config, initial parameters, tokenizer and data roots for a config."""
     if check_data_kind(cfg) == "synthetic":
         root, tok_dir = setup.synthetic_data(cfg)
         images = os.path.join(root, "images")
@@ -78,10 +90,11 @@ def build(cfg):
         tokenizer = setup.load_tokenizer(tok_dir, cfg.data.model_max_length)
         config = setup.model_config_from_sizes(cfg, tokenizer.seg_token_id, len(tokenizer))
         params = setup.random_params(config, cfg.seed)
+        source = {}
     else:
-        config, params, tok_dir = setup.init_from_checkpoints(cfg, cfg.seed)
+        config, params, tok_dir, source = setup.init_from_checkpoints(cfg, cfg.seed)
         tokenizer = setup.load_tokenizer(tok_dir, cfg.data.model_max_length)
-    return config, params, tokenizer, root, images
+    return Built(config, params, tokenizer, root, images, tok_dir, source)
 
 
 def batch_shapes(cfg, conversations=None, images=None) -> BatchShapes:
@@ -181,10 +194,15 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
     mesh = sharding.make_mesh(**dict(cfg.mesh))
-    config, params, tokenizer, root, images = build(cfg)
+    built = build(cfg)
+    config, tokenizer, root, images = built.config, built.tokenizer, built.root, built.images
     model = M2SA(config)
-    state, state_sh, optimizer, schedule, labels, lora_cfg = init_state(cfg, config, params, mesh)
-    del params
+    state, state_sh, optimizer, schedule, labels, lora_cfg = init_state(cfg, config,
+                                                                        built.params, mesh)
+    built = built._replace(params=None)
+    if jax.process_index() == 0:     # the workdir describes its model: it loads on its own
+        runs.describe_run(workdir, config, lora_cfg, built.tokenizer_folder,
+                          experiment=cfg.to_dict(), source_config=built.source_config)
     counts = optim.count_by_label(state["variables"], labels)
     weights = dict(ce_weight=cfg.train.ce_weight, bce_weight=cfg.train.bce_weight,
                    dice_weight=cfg.train.dice_weight)
@@ -196,12 +214,12 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
 
     skips = SkipCounter()
     stream = _train_stream(cfg, config, tokenizer, root, images, skips)
-    ckpts = ckpt_lib.RunCheckpoints(os.path.join(workdir, "checkpoints"),
+    ckpts = RunCheckpoints(os.path.join(workdir, "checkpoints"),
                                     keep=cfg.train.keep_checkpoints)
     start_step = 0
     latest = ckpts.latest_step()
     if latest is not None:
-        state, data_state = ckpts.restore(latest, ckpt_lib.abstract_like(state))
+        state, data_state = ckpts.restore(latest, abstract_like(state))
         stream.set_state(data_state)
         start_step = int(state["step"])
         print(f"resumed from {ckpts.directory} at step {start_step}")
@@ -214,7 +232,7 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
                                               None, progress=progress, label="untrained")
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    flag = ckpt_lib.StopFlag()
+    flag = StopFlag()
     losses = []
     log_file = open(os.path.join(workdir, TRAIN_LOG), "a")
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", disable=not progress,
