@@ -20,8 +20,9 @@ import torch
 from checkpoints_convert.__main__ import main as convert_main
 from checkpoints_convert.m2sa import meta_to_config
 from m2sa_jax.data.preprocess import clip_preprocess, sam_preprocess
-from m2sa_jax.models.m2sa import M2SA, compute_losses
+from m2sa_jax.models.m2sa import M2SA
 from m2sa_jax.params_io import load_meta, load_params
+from m2sa_jax.training.losses import compute_losses
 from m2sa_helpers import write_tiny_m2sa_folder
 from torch_m2sa_reference import IMAGE_TOKEN_INDEX, mask_loss_terms
 
