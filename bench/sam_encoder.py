@@ -80,9 +80,10 @@ def time_jax(params, cfg, x, dtype: str, iters: int, device: str | None = None):
     import jax
     import jax.numpy as jnp
 
-    from m2sa_jax.models.sam import Sam, select_compute_dtype
+    from m2sa_jax.dtypes import compute_dtype
+    from m2sa_jax.models.sam import Sam
 
-    model = Sam(cfg, select_compute_dtype(dtype))
+    model = Sam(cfg, compute_dtype(dtype))
     dev = jax.devices(device)[0] if device else jax.devices()[0]
     params = jax.device_put(params, dev)
     xj = jax.device_put(jnp.asarray(x), dev)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2sa_jax.data.preprocess import resize_longest_side_shape, sam_preprocess
-from m2sa_jax.models.sam import (Sam, SamConfig, abstract_params, postprocess_masks, sam_config,
-                                 select_compute_dtype)
+from m2sa_jax.dtypes import compute_dtype
+from m2sa_jax.models.sam import Sam, SamConfig, abstract_params, postprocess_masks, sam_config
 
 
 class SamPredictor:
@@ -26,7 +26,7 @@ class SamPredictor:
 
     def __init__(self, params, config: SamConfig, dtype: Optional[str] = None):
         self.config = config
-        self.model = Sam(config, select_compute_dtype(dtype))
+        self.model = Sam(config, compute_dtype(dtype))
         self.params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
         self._encode = jax.jit(
             lambda p, x: self.model.apply({"params": p}, x, method=Sam.encode_image))

@@ -22,6 +22,7 @@ import jax
 
 from checkpoints_convert.llava import TOKENIZER_FILES
 from checkpoints_convert.m2sa import config_to_meta, export_folder
+from m2sa_jax.dtypes import NAMES
 
 
 def tokenizer_folder(cfg) -> str:
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     workdir = flags.DEFINE_string("workdir", None, "the run's directory (holds checkpoints/)")
     dst = flags.DEFINE_string("dst", None, "output folder (LISA/M²SA Hugging Face layout)")
     step = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-    dtype = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+    dtype = flags.DEFINE_enum("dtype", None, list(NAMES),
                               "dtype of the written weights (default float32)")
     flags.mark_flags_as_required(["config", "workdir", "dst"])
 

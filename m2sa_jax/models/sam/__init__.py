@@ -34,12 +34,12 @@ from m2sa_jax.models.sam.mask_decoder import MaskDecoder, Upscale2x
 from m2sa_jax.models.sam.postprocess import (interpolate_bilinear, postprocess_masks,
                                              postprocess_masks_padded)
 from m2sa_jax.models.sam.prompt_encoder import PromptEncoder
-from m2sa_jax.models.sam.sam import Sam, abstract_params, init_params, select_compute_dtype
+from m2sa_jax.models.sam.sam import Sam, abstract_params, init_params
 from m2sa_jax.models.sam.transformer import TwoWayTransformer
 
 __all__ = (
     "SamConfig", "SAM_CONFIGS", "sam_config", "narrow_config", "Sam", "ImageEncoderViT",
     "PromptEncoder", "MaskDecoder", "TwoWayTransformer", "Upscale2x", "postprocess_masks",
     "postprocess_masks_padded", "get_rel_pos", "abstract_params", "init_params",
-    "interpolate_bilinear", "select_compute_dtype",
+    "interpolate_bilinear",
 )

@@ -3,8 +3,6 @@ its parameter shapes and a random initialisation."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -84,7 +82,3 @@ def init_params(config: SamConfig, seed: int = 0):
             x += 1.0
         out[path] = jnp.asarray(x)
     return unflatten(out)
-
-
-def select_compute_dtype(name: Optional[str]):
-    return {None: jnp.float32, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
