@@ -255,3 +255,11 @@ def test_lora_on_scanned_layers_equals_unrolled():
     assert float(jnp.max(jnp.abs(lu - lp))) > 1e-3          # LoRA changes the output
     assert err_logits <= 1e-5
     assert err_grads <= 1e-5
+
+
+def test_lora_config_from_a_configs_train_lora():
+    assert lora_lib.LoraConfig.from_dict(dict(rank=0, alpha=16.0, dropout=0.05,
+                                              targets=("q_proj",))) is None
+    cfg = lora_lib.LoraConfig.from_dict(dict(rank=8, alpha=16, dropout=0, targets=["q_proj", "v_proj"]))
+    assert cfg == lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"))
+    assert cfg.scale == 2.0

@@ -28,6 +28,7 @@ from m2sa_jax.data.pipeline import BatchShapes, Example, collate, iter_examples
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import Sample
 from m2sa_jax.evaluation.metrics import SegmentationMetrics
+from m2sa_jax.models.lora import LoraConfig
 from m2sa_jax.models.m2sa import M2SA
 
 RESULTS_VERSION = 1
@@ -371,7 +372,7 @@ def load_model(cfg):
         del params
         restored, _ = ckpts.restore(step, ckpt_lib.abstract_like(state))
     ckpts.close()
-    params = jax.device_get(loop.merged_params(restored, loop._lora_cfg(cfg)))
+    params = jax.device_get(loop.merged_params(restored, LoraConfig.from_dict(cfg.train.lora)))
     return config, params, tokenizer, f"training workdir {path} step {step}"
 
 

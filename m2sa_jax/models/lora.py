@@ -42,6 +42,16 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LoraConfig | None":
+        """From a config's ``train.lora`` (rank, alpha, dropout, targets); ``None`` when the
+        rank is 0 or missing, i.e. the run trains without LoRA."""
+        d = dict(d)
+        if not d.get("rank"):
+            return None
+        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d["dropout"]),
+                   targets=tuple(d["targets"]))
+
 
 def target_paths(params: Mapping, cfg: LoraConfig) -> list[str]:
     """'/'-joined paths of the Dense modules (holding a 'kernel') whose name is a target,

@@ -38,14 +38,6 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _lora_cfg(cfg):
-    lc = dict(cfg.train.lora)
-    if not lc.get("rank"):
-        return None
-    return lora_lib.LoraConfig(rank=int(lc["rank"]), alpha=float(lc["alpha"]),
-                               dropout=float(lc["dropout"]), targets=tuple(lc["targets"]))
-
-
 def check_data_kind(cfg) -> str:
     if cfg.data.kind not in DATA_KINDS:
         raise ValueError(f"unknown data.kind {cfg.data.kind!r}; choose one of {DATA_KINDS}")
@@ -92,7 +84,7 @@ def batch_shapes(cfg, conversations=None, images=None) -> BatchShapes:
 
 
 def init_state(cfg, config, params, mesh):
-    lora_cfg = _lora_cfg(cfg)
+    lora_cfg = lora_lib.LoraConfig.from_dict(cfg.train.lora)
     variables = {"params": params}
     if lora_cfg is not None:
         variables["lora"] = lora_lib.init(jax.random.key(cfg.seed + 7), params, lora_cfg)
@@ -307,7 +299,7 @@ def evaluate_split(cfg, model, state, config, tokenizer, root, images, overlay_d
     most = max((len(s.questions) for s in samples), default=1)
     shapes = batch_shapes(cfg, conversations=cfg.eval.images_per_batch * most,
                           images=cfg.eval.images_per_batch)
-    params = merged_params(state, _lora_cfg(cfg))
+    params = merged_params(state, lora_lib.LoraConfig.from_dict(cfg.train.lora))
     forward = runner.make_forward(model)
     metrics, skips, stats = runner.evaluate(
         forward, {"params": params}, samples, tokenizer, shapes, split=cfg.eval.split,

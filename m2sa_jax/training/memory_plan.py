@@ -41,18 +41,10 @@ def model_config(cfg, vocab_size: int = PAPER_VOCAB, seg_token_id: int = PAPER_S
     return setup.model_config_from_sizes(cfg, seg_token_id, vocab_size)
 
 
-def lora_config(cfg) -> lora_lib.LoraConfig | None:
-    lc = dict(cfg.train.lora)
-    if not lc.get("rank"):
-        return None
-    return lora_lib.LoraConfig(rank=int(lc["rank"]), alpha=float(lc["alpha"]),
-                               dropout=float(lc["dropout"]), targets=tuple(lc["targets"]))
-
-
 def train_parts(cfg, config: M2SAConfig):
     """(abstract variables, labels, optimizer, LoRA config, loss weights) of a config: the same
     pieces ``training.loop`` builds from concrete weights."""
-    lora_cfg = lora_config(cfg)
+    lora_cfg = lora_lib.LoraConfig.from_dict(cfg.train.lora)
     variables = {"params": abstract_params(config)}
     if lora_cfg is not None:
         variables["lora"] = jax.eval_shape(
