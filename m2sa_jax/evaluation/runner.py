@@ -28,6 +28,7 @@ from m2sa_jax.data.pipeline import BatchShapes, Example, collate, iter_examples
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import Sample
 from m2sa_jax.evaluation.metrics import SegmentationMetrics
+from m2sa_jax.evaluation.report import print_summary
 from m2sa_jax.models.lora import LoraConfig
 from m2sa_jax.models.m2sa import M2SA
 
@@ -505,21 +506,3 @@ def run(cfg, workdir: str, *, host_index: int | None = None, host_count: int | N
     print(f"metrics: {path}")
     return summary
 
-
-def print_summary(s: dict) -> None:
-    print(f"{s['dataset']} {s['split']} ({s['protocol'].replace('_', '-')}), {s['checkpoint']}")
-    print(f"  {'targets':<8} {'gIoU':>7} {'cIoU':>7} {'masks':>7}")
-    for group in ("all", "object", "part"):
-        r = s["metrics"].get(group)
-        if r:
-            print(f"  {group:<8} {r['giou']:7.4f} {r['ciou']:7.4f} {r['masks']:7d}")
-    c = s["counts"]
-    print(f"  images {c['images']}, questions {c['questions']}, masks {c['masks']}; "
-          f"{s['samples_per_s']:.2f} questions/s")
-    g = s.get("generate")
-    if g:
-        print(f"  generated answers: {g['exact']} with as many [SEG] as targets, {g['fewer']} "
-              f"fewer ({g['missing_masks']} targets scored as empty), {g['more']} more "
-              f"({g['extra_masks']} extra masks, not scored)")
-    if s["skipped"]:
-        print("  skipped records: " + ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())))

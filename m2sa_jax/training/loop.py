@@ -293,6 +293,7 @@ def evaluate_split(cfg, model, state, config, tokenizer, root, images, overlay_d
                    progress=True, label=""):
     """Teacher-forced gIoU/cIoU on the held-out split, overall and per granularity."""
     from m2sa_jax.evaluation import runner
+    from m2sa_jax.evaluation.report import print_table
 
     dataset = MMRDataset(mmr_split_path(root, cfg.eval.split), images, prompt="val")
     samples = [dataset.sample(i, all_questions=True) for i in range(len(dataset))]
@@ -314,12 +315,3 @@ def evaluate_split(cfg, model, state, config, tokenizer, root, images, overlay_d
         print(f"overlays: {os.path.abspath(overlay_dir)}")
     return dict(metrics=result, stats=stats, skipped=dict(skips.counts))
 
-
-def print_table(result: dict, title: str = "") -> None:
-    if title:
-        print(title)
-    print(f"  {'targets':<8} {'gIoU':>7} {'cIoU':>7} {'masks':>7}")
-    for group in ("all", "object", "part"):
-        r = result.get(group)
-        if r:
-            print(f"  {group:<8} {r['giou']:7.3f} {r['ciou']:7.3f} {r['masks']:7d}")
