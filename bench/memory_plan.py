@@ -38,7 +38,8 @@ def run_rows(args) -> list[dict]:
     """In this process (fake devices already set): one row per (config, mesh, remat, tokens)."""
     import jax
 
-    from m2sa_jax.training import memory_plan, sharding
+    from m2sa_jax import sharding
+    from m2sa_jax.training import memory_plan
 
     rows = []
     for name in args.configs.split(","):

@@ -75,7 +75,7 @@ def get_config(arg: str | None = None):
     c.train.max_nonfinite = 5
     c.train.max_minutes = 13.0                # stop early (and say so) past this wall time
 
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules="fsdp_tensor")   # m2sa_jax/sharding.RULES
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "val"

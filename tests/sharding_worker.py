@@ -120,7 +120,8 @@ def run_step(mesh, memory: bool = False) -> tuple[float, dict]:
     from jax.experimental import multihost_utils
 
     from m2sa_jax.tree import flatten
-    from m2sa_jax.training import memory_plan, sharding
+    from m2sa_jax import sharding
+    from m2sa_jax.training import memory_plan
 
     cfg = tiny_config()
     config = memory_plan.model_config(cfg, VOCAB, SEG)
@@ -166,7 +167,7 @@ def run_step(mesh, memory: bool = False) -> tuple[float, dict]:
 
 
 def mesh_of(spec: str, devices):
-    from m2sa_jax.training import sharding
+    from m2sa_jax import sharding
 
     d, f, t = (int(x) for x in spec.split(","))
     return sharding.make_mesh(d, f, t, devices=devices[:d * f * t])

@@ -25,7 +25,8 @@ from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.models import llama
 from m2sa_jax.models import lora as lora_lib
 from m2sa_jax.models.m2sa import M2SA
-from m2sa_jax.training import loop, optim, sharding
+from m2sa_jax import sharding
+from m2sa_jax.training import loop, optim
 from m2sa_jax.training.step import make_train_step
 
 WEIGHTS = dict(ce_weight=1.0, bce_weight=2.0, dice_weight=0.5)
@@ -38,7 +39,7 @@ def run(tmp_path_factory):
                             train__trainable=optim.M2SA_TRAINABLE, train__lr=1e-2,
                             train__warmup_steps=0)
     config, params, tokenizer, root, images = loop.build(cfg)
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    mesh = sharding.mesh_from_config(cfg.mesh)
     state, _, optimizer, _, labels, lora_cfg = loop.init_state(cfg, config, params, mesh)
     stream = loop._train_stream(cfg, config, tokenizer, root, images, SkipCounter())
     batches = [next(stream) for _ in range(4)]

@@ -223,7 +223,8 @@ def test_export_of_the_trained_run_matches_pytorch(runs):
     from m2sa_jax.models import lora as lora_lib
     from m2sa_jax.models.m2sa import M2SA
     from m2sa_jax.training import checkpoint as ckpt_lib
-    from m2sa_jax.training import loop, sharding
+    from m2sa_jax import sharding
+    from m2sa_jax.training import loop
 
     dst = str(runs["tmp"] / "exported")
     cmd = [train_tiny.sys.executable, "-m", "m2sa_jax.training.export",
@@ -238,7 +239,7 @@ def test_export_of_the_trained_run_matches_pytorch(runs):
     # JAX: the trained run's last checkpoint, LoRA applied at run time (not merged)
     cfg = train_tiny.config(runs["data"], **EXTRA)
     config, params, tokenizer, root, images = loop.build(cfg)
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    mesh = sharding.mesh_from_config(cfg.mesh)
     state, _, _, _, _, lora_cfg = loop.init_state(cfg, config, params, mesh)
     ckpts = ckpt_lib.RunCheckpoints(os.path.join(runs["full_dir"], "checkpoints"),
                                     async_save=False)

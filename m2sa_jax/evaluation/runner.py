@@ -149,7 +149,7 @@ def make_forward(model: M2SA, max_traces: int | None = None):
 
 def data_mesh():
     """A data-only mesh over the local devices (evaluation is data parallel)."""
-    from m2sa_jax.training.sharding import make_mesh
+    from m2sa_jax.sharding import make_mesh
 
     return make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.local_devices())
 
@@ -158,7 +158,7 @@ def place_batch(batch: dict, mesh) -> dict:
     """The batch's leading axes split over the mesh's data axis (replicated if indivisible)."""
     if mesh is None:
         return batch
-    from m2sa_jax.training.sharding import batch_sharding
+    from m2sa_jax.sharding import batch_sharding
 
     return jax.device_put(batch, batch_sharding(batch, mesh))
 
@@ -166,7 +166,7 @@ def place_batch(batch: dict, mesh) -> dict:
 def replicate(variables, mesh):
     if mesh is None:
         return variables
-    from m2sa_jax.training.sharding import replicated
+    from m2sa_jax.sharding import replicated
 
     return jax.device_put(variables, replicated(mesh))
 

@@ -54,7 +54,8 @@ def hf_config(cfg, config) -> dict:
 def restore_merged(cfg, workdir: str, step: int | None = None):
     """(M2SAConfig, merged float32 params on the host, tokenizer, step) of a run's checkpoint."""
     from m2sa_jax.training import checkpoint as ckpt_lib
-    from m2sa_jax.training import loop, sharding
+    from m2sa_jax import sharding
+    from m2sa_jax.training import loop
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     ckpts = ckpt_lib.RunCheckpoints(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
@@ -65,7 +66,7 @@ def restore_merged(cfg, workdir: str, step: int | None = None):
             f"{'' if step is None else f' {step}'} to export. Train first (python train.py "
             f"--config ... --workdir {workdir}) or pick one of the saved steps with --step.")
     config, params, tokenizer, _, _ = loop.build(cfg)
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    mesh = sharding.mesh_from_config(cfg.mesh)
     state, _, _, _, _, lora_cfg = loop.init_state(cfg, config, params, mesh)
     del params
     restored, _ = ckpts.restore(step, ckpt_lib.abstract_like(state))

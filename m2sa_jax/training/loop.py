@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2sa_jax import sharding
 from m2sa_jax.data import mixed
 from m2sa_jax.data.mmr import MMRDataset, mmr_split_path
 from m2sa_jax.data.pipeline import BatchShapes
@@ -25,7 +26,7 @@ from m2sa_jax.data.train_stream import StreamConfig, TrainStream
 from m2sa_jax.models import lora as lora_lib
 from m2sa_jax.models.m2sa import M2SA
 from m2sa_jax.training import checkpoint as ckpt_lib
-from m2sa_jax.training import optim, setup, sharding
+from m2sa_jax.training import optim, setup
 from m2sa_jax.training.step import make_train_step
 
 
@@ -94,7 +95,7 @@ def init_state(cfg, config, params, mesh):
         labels, lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps,
         total_steps=cfg.train.steps, b1=cfg.train.b1, b2=cfg.train.b2,
         weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm)
-    var_sh = sharding.param_shardings(variables, mesh)
+    var_sh = sharding.param_shardings(variables, mesh, cfg.mesh.rules)
     variables = sharding.put_global(jax.tree.map(lambda x: np.asarray(x, np.float32), variables),
                                     var_sh)
     opt_state = jax.jit(optimizer.init)(variables)
@@ -172,7 +173,7 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
 
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    mesh = sharding.mesh_from_config(cfg.mesh)
     config, params, tokenizer, root, images = build(cfg)
     model = M2SA(config)
     state, state_sh, optimizer, schedule, labels, lora_cfg = init_state(cfg, config, params, mesh)
