@@ -20,7 +20,8 @@ from PIL import Image
 from checkpoints_convert.__main__ import main as convert_main
 from m2sa_jax.data.pipeline import BatchShapes, collate, prepare_example
 from m2sa_jax.data.skips import SkipCounter
-from m2sa_jax.evaluation import benchmarks, generate_eval, runner
+from m2sa_jax.data import benchmarks
+from m2sa_jax.evaluation import generate_eval, runner
 from m2sa_jax.evaluation.metrics import SegmentationMetrics, iou_from_counts
 from m2sa_helpers import write_tiny_m2sa_folder
 

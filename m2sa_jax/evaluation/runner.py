@@ -379,8 +379,8 @@ def load_model(cfg):
 
 def load_samples(cfg) -> tuple[list[Sample], SkipCounter]:
     """The benchmark ``eval.dataset`` / ``eval.split`` through the readers of
-    :mod:`m2sa_jax.evaluation.benchmarks`."""
-    from m2sa_jax.evaluation import benchmarks
+    :mod:`m2sa_jax.data.benchmarks`."""
+    from m2sa_jax.data import benchmarks
 
     e, name, split = cfg.eval, cfg.eval.dataset, cfg.eval.split
     if name not in DATASETS:
