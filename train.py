@@ -16,8 +16,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from m2sa_jax.config_file import flags_parser
+
 _DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthetic.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "experiment config file")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file "
+                                           "(default: configs/synthetic.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: config.workdir)")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "multihost: host:port of process 0 "
@@ -51,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=flags_parser(_DEFAULT)))

@@ -19,6 +19,8 @@ import os
 import subprocess
 import sys
 
+from m2sa_jax import config_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {"fsdp": dict(data=1, fsdp=-1, tensor=1), "data": dict(data=-1, fsdp=1, tensor=1),
           "fsdp_tensor2": dict(data=1, fsdp=-1, tensor=2)}
@@ -26,12 +28,7 @@ HARDWARE = {"A6000 48GB": 48e9, "H100 80GB": 80e9}
 
 
 def load_config(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_file.load(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def run_rows(args) -> list[dict]:

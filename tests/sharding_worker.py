@@ -28,6 +28,7 @@ import zlib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VOCAB, SEG = 64, 60
 IMAGES, TOKENS, TARGETS, MASK_HW = 8, 16, 2, (24, 24)
@@ -36,10 +37,10 @@ IMAGES, TOKENS, TARGETS, MASK_HW = 8, 16, 2, (24, 24)
 def tiny_config():
     """The synthetic config shrunk to compile fast, with the paper's trainable set, LoRA with
     dropout, scanned + rematerialised LLM layers and M²SA's compress_vit fusion."""
-    from configs.synthetic import get_config
+    from m2sa_jax import config_file
     from m2sa_jax.training import optim
 
-    c = get_config()
+    c = config_file.load(os.path.join(REPO, "configs", "synthetic.py"))
     c.model.llm = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, head_dim=8,
                        max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0,

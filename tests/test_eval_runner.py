@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from checkpoints_convert.__main__ import main as convert_main
+from m2sa_jax import config_file
 from m2sa_jax.data.pipeline import BatchShapes, collate, prepare_example
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data import benchmarks
@@ -26,6 +27,7 @@ from m2sa_jax.evaluation.metrics import SegmentationMetrics, iou_from_counts
 from m2sa_helpers import write_tiny_m2sa_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNTHETIC = os.path.join(ROOT, "configs", "synthetic.py")
 SIZES = [(48, 64), (64, 40), (56, 56), (40, 72), (64, 64)]
 
 
@@ -95,10 +97,7 @@ def fixture(tmp_path_factory):
 
 
 def _cfg(fixture, **eval_overrides):
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import synthetic
-
-    cfg = synthetic.get_config()
+    cfg = config_file.load(SYNTHETIC)
     cfg.data.kind = "mmr"
     cfg.eval.checkpoint = str(fixture["dst"])
     cfg.eval.mmr_root = str(fixture["tmp"])
@@ -371,12 +370,9 @@ def _save_run_checkpoint(cfg, step: int) -> None:
 
 
 def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import synthetic
-
     settings = dict(TINY_RUN, **{"data.root": str(tmp_path / "data"),
                                  "workdir": str(tmp_path / "run")})
-    cfg = synthetic.get_config()
+    cfg = config_file.load(SYNTHETIC)
     for key, value in settings.items():
         *parents, leaf = key.split(".")
         node = cfg

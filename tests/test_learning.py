@@ -2,25 +2,18 @@
 tokenizer, M²SA from scratch, train step, checkpoints, teacher-forced evaluation — must learn:
 the loss falls and validation gIoU rises well above the untrained model's."""
 
-import importlib.util
 import json
 import os
 import statistics
 
+from m2sa_jax import config_file
 from m2sa_jax.training.loop import train
 
 _CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
 
 
-def _config(arg):
-    spec = importlib.util.spec_from_file_location("synthetic_config", _CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def test_synthetic_run_learns(tmp_path):
-    cfg = _config("ci")
+    cfg = config_file.load(_CONFIG + ":ci")
     cfg.data.root = str(tmp_path / "data")
     summary = train(cfg, str(tmp_path / "run"), progress=False)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]

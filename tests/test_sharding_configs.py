@@ -6,16 +6,14 @@ Nothing here has weights: the models are abstract (jax.eval_shape), the meshes a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
-import jax
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
+from m2sa_jax import config_file, sharding
 from m2sa_jax.tree import flatten
-from m2sa_jax import sharding
 from m2sa_jax.training import memory_plan, optim, setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,10 +26,7 @@ CLIP_L = 303_179_776
 
 
 def load(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_file.load(os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 def _keys(c, prefix=""):

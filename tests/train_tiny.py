@@ -15,6 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from m2sa_jax import config_file  # noqa: E402
+
 OVERRIDES = {
     "data.train_images": 8,
     "data.val_images": 2,
@@ -64,12 +66,7 @@ def flags(data_root: str, **extra) -> list[str]:
 
 def config(data_root: str, **extra):
     """The same run's config, built in-process (``extra`` keys use '__' for '.')."""
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import synthetic
-    finally:
-        sys.path.pop(0)
-    cfg = synthetic.get_config("ci")
+    cfg = config_file.load(os.path.join(REPO, "configs", "synthetic.py") + ":ci")
     items = {**OVERRIDES, "data.root": data_root,
              **{k.replace("__", "."): v for k, v in extra.items()}}
     for key, value in items.items():

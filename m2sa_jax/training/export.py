@@ -101,6 +101,8 @@ def main(argv=None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
 
+    from m2sa_jax.config_file import flags_parser
+
     config_flag = config_flags.DEFINE_config_file("config", None, "the run's experiment config")
     workdir = flags.DEFINE_string("workdir", None, "the run's directory (holds checkpoints/)")
     dst = flags.DEFINE_string("dst", None, "output folder (LISA/M²SA Hugging Face layout)")
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
                    dtype=dtype.value)
         return 0
 
-    app.run(run, argv=argv)
+    app.run(run, argv=argv, flags_parser=flags_parser())
     return 0
 
 
