@@ -1,6 +1,6 @@
 """Peak memory of ``python -m checkpoints_convert llava`` on a synthetic multi-GB checkpoint.
 
-    python bench/convert_memory.py [--hidden 2048] [--layers 10] [--format bin|safetensors]
+    python -m bench.convert_memory [--hidden 2048] [--layers 10] [--format bin|safetensors]
                                    [--dtype bfloat16] [--workdir /tmp]
 
 Writes a random LLaMA (float32) as a sharded Hugging Face folder with an index, converts it in
@@ -24,9 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 
 
 def write_checkpoint(folder: str, hidden: int, layers: int, fmt: str, shard_gb: float) -> int:
@@ -100,7 +97,7 @@ def _status_kb(pid: int) -> dict:
 
 
 def measure(cmd: list[str]) -> dict:
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.Popen(cmd)
     peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
 
     def poll():

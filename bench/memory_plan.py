@@ -1,8 +1,8 @@
 """Memory plan of the paper configs: per-device memory of the compiled train step on simulated
 meshes, from XLA's memory analysis, without any weights (m2sa_jax/training/memory_plan.py).
 
-    python bench/memory_plan.py                       # the table of docs/training.md
-    python bench/memory_plan.py --configs m2sa_7b --devices 4 --meshes fsdp,data \\
+    python -m bench.memory_plan                       # the table of docs/training.md
+    python -m bench.memory_plan --configs m2sa_7b --devices 4 --meshes fsdp,data \\
         --remat nothing_saveable,none --json out.json
 
 Each row compiles one train step (batch 2 images per device, up to 3 questions each, the
@@ -100,7 +100,7 @@ def main(argv=None):
     for n in args.devices.split(","):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
                    JAX_PLATFORMS="cpu")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--configs", args.configs,
+        cmd = [sys.executable, "-m", "bench.memory_plan", "--worker", "--configs", args.configs,
                "--meshes", args.meshes, "--remat", args.remat, "--tokens", args.tokens,
                "--grad_accum", str(args.grad_accum)]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)

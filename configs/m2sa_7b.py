@@ -10,7 +10,7 @@ converted SAM ViT-H (``model.sam_checkpoint``); text_hidden_fcs and compress_vit
 and the vocabulary grows by [SEG], <im_start>, <im_end>. To continue from a released LISA/M²SA
 model instead, set ``model.checkpoint`` (``python -m checkpoints_convert m2sa``) and leave the
 other two empty. The architecture comes from the checkpoints; the sizes below describe the same
-model so that the memory plan (bench/memory_plan.py) can compile this config without weights.
+model so that the memory plan (python -m bench.memory_plan) can compile this config without weights.
 
 Where each value comes from — [paper] MMR paper §5.1, [code] the authors' public training
 script (LISA's train_ds.py defaults), [plan] chosen from docs/training.md's memory plan:

@@ -24,7 +24,7 @@ from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data import benchmarks
 from m2sa_jax.evaluation import generate_eval, runner
 from m2sa_jax.evaluation.metrics import SegmentationMetrics, iou_from_counts
-from m2sa_helpers import write_tiny_m2sa_folder
+from tests.support.m2sa_helpers import write_tiny_m2sa_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTHETIC = os.path.join(ROOT, "configs", "synthetic.py")
@@ -144,6 +144,7 @@ def dataclass_replace_one(ex, k):
                                questions=[ex.questions[k]])
 
 
+@pytest.mark.multiprocess
 def test_eval_cli_on_fixture_mmr_equals_direct_computation(fixture):
     out = fixture["tmp"] / "cli_out"
     cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--config",
@@ -195,6 +196,7 @@ def _same_results(a: SegmentationMetrics, b: SegmentationMetrics) -> None:
     assert a.done_records("val") == b.done_records("val")
 
 
+@pytest.mark.torch
 def test_batches_compile_once_and_resume_and_hosts_match(fixture, tmp_path):
     pred = fixture["predictor"]
     samples = fixture["samples"]
@@ -369,6 +371,7 @@ def _save_run_checkpoint(cfg, step: int) -> None:
     ckpts.close()
 
 
+@pytest.mark.multiprocess
 def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
     settings = dict(TINY_RUN, **{"data.root": str(tmp_path / "data"),
                                  "workdir": str(tmp_path / "run")})

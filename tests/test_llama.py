@@ -20,7 +20,7 @@ from transformers import LlamaForCausalLM as HFLlama
 from checkpoints_convert import llava as convert_llava
 from m2sa_jax.models import llama
 from m2sa_jax.tree import count_params
-from m2sa_helpers import write_sharded_bin
+from tests.support.m2sa_helpers import write_sharded_bin
 
 VOCAB = 101
 

@@ -25,7 +25,7 @@ from transformers import LlavaForConditionalGeneration
 from checkpoints_convert import llava as convert_llava
 from checkpoints_convert.table import ConversionError
 from m2sa_jax.models import llava
-from m2sa_helpers import write_sharded_bin
+from tests.support.m2sa_helpers import write_sharded_bin
 
 VOCAB = 120
 IMAGE = 56  # 4×4 patches of 14 → 16 image rows

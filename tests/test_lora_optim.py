@@ -19,7 +19,6 @@ import numpy as np
 import optax
 import pytest
 
-import train_tiny
 from m2sa_jax.tree import flatten, unflatten
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.models import llama
@@ -28,6 +27,7 @@ from m2sa_jax.models.m2sa import M2SA
 from m2sa_jax import sharding
 from m2sa_jax.training import loop, optim
 from m2sa_jax.training.step import make_train_step
+from tests.support import train_tiny
 
 WEIGHTS = dict(ce_weight=1.0, bce_weight=2.0, dice_weight=0.5)
 

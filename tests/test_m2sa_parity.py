@@ -23,8 +23,8 @@ from m2sa_jax.data.preprocess import clip_preprocess, sam_preprocess
 from m2sa_jax.models.m2sa import M2SA
 from m2sa_jax.params_io import load_meta, load_params
 from m2sa_jax.training.losses import compute_losses
-from m2sa_helpers import write_tiny_m2sa_folder
-from torch_m2sa_reference import IMAGE_TOKEN_INDEX, mask_loss_terms
+from tests.support.m2sa_helpers import write_tiny_m2sa_folder
+from tests.support.torch_m2sa_reference import IMAGE_TOKEN_INDEX, mask_loss_terms
 
 SP_VOCAB = 400          # SentencePiece pieces of the test tokenizer; [SEG] etc. follow
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from m2sa_jax.models.sam import (Sam, get_rel_pos, narrow_config, postprocess_masks,
                                  postprocess_masks_padded)
-from test_sam_support import convert_module, max_abs, torch_sam
+from tests.support.sam_reference import convert_module, max_abs, torch_sam
 
 CFG = narrow_config("vit_h", 64, 4, use_compress_vit=True)
 

@@ -21,9 +21,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import train_tiny
 from m2sa_jax.tree import flatten
 from m2sa_jax.training import loop
+from tests.support import train_tiny
 
 K = 3
 

@@ -10,8 +10,8 @@ iterator's position all came back. A persistent compilation cache shared by the 
 the later runs from compiling the step again.
 
 The uninterrupted run is then exported with ``python -m m2sa_jax.training.export`` (LoRA
-merged, LISA/M²SA layout) and loaded into the PyTorch reference (tests/torch_m2sa_reference.py)
-built from the exported config.json; its forward on a training batch must match the JAX model
+merged, LISA/M²SA layout) and loaded into the PyTorch reference
+(tests/support/torch_m2sa_reference.py) built from the exported config.json; its forward on a training batch must match the JAX model
 run from the checkpoint with the LoRA branch unmerged (logits ≤ 1e-4, mask logits ≤ 1e-3 as in
 the M²SA parity test). The export lives here to reuse the trained run.
 """
@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pytest
 
-import train_tiny
+from tests.support import CONFIGS, train_tiny
 
 STEPS = 8
 EXTRA = dict(train__lora__rank=4, train__lora__dropout=0.1, eval__overlays=0,
@@ -169,7 +169,7 @@ def _torch_from_folder(folder, sam_cfg):
 
     from checkpoints_convert.io import iter_checkpoint
     from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
-    from torch_m2sa_reference import TorchM2SA
+    from tests.support.torch_m2sa_reference import TorchM2SA
 
     hf = json.load(open(os.path.join(folder, "config.json")))
     assert hf["architectures"] == ["LISAForCausalLM"]
@@ -228,7 +228,7 @@ def test_export_of_the_trained_run_matches_pytorch(runs):
 
     dst = str(runs["tmp"] / "exported")
     cmd = [train_tiny.sys.executable, "-m", "m2sa_jax.training.export",
-           "--config", os.path.join(train_tiny.REPO, "configs", "synthetic.py") + ":ci",
+           "--config", os.path.join(CONFIGS, "synthetic.py") + ":ci",
            "--workdir", runs["full_dir"], "--dst", dst,
            *train_tiny.flags(runs["data"], **EXTRA)]
     t = time.monotonic()

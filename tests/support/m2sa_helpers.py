@@ -78,7 +78,7 @@ def write_tiny_m2sa_folder(folder: str, variant: str = "m2sa", *, sam_depth: int
     tokenizer) from a random PyTorch reference model. Returns (reference model, [SEG] id, state)."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from torch_m2sa_reference import TorchM2SA, build_sam
+    from tests.support.torch_m2sa_reference import TorchM2SA, build_sam
 
     os.makedirs(folder, exist_ok=True)
     seg_id = make_tokenizer_files(folder, sp_vocab)
