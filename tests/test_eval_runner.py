@@ -144,7 +144,9 @@ def dataclass_replace_one(ex, k):
                                questions=[ex.questions[k]])
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.torch
 def test_eval_cli_on_fixture_mmr_equals_direct_computation(fixture):
     out = fixture["tmp"] / "cli_out"
     cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--config",
@@ -196,6 +198,7 @@ def _same_results(a: SegmentationMetrics, b: SegmentationMetrics) -> None:
     assert a.done_records("val") == b.done_records("val")
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_batches_compile_once_and_resume_and_hosts_match(fixture, tmp_path):
     pred = fixture["predictor"]
@@ -317,6 +320,7 @@ class _ScriptedPredictor:
         return out
 
 
+@pytest.mark.torch
 def test_generate_eval_accounting_on_fixture_records(fixture, tmp_path):
     samples = fixture["samples"]
     targets = [len(m) for s in samples for m in s.masks]
@@ -371,6 +375,7 @@ def _save_run_checkpoint(cfg, step: int) -> None:
     ckpts.close()
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
     settings = dict(TINY_RUN, **{"data.root": str(tmp_path / "data"),
@@ -402,6 +407,7 @@ def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
         runner.load_model(cfg)
 
 
+@pytest.mark.torch
 def test_generate_protocol_with_the_real_model(fixture):
     """The real generate-then-segment path (no stand-in): the converted model writes its own
     answers; the accumulated metrics and counters equal scoring each question's own

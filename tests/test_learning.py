@@ -6,8 +6,12 @@ import json
 import os
 import statistics
 
+import pytest
+
 from m2sa_jax import config_file
 from m2sa_jax.training.loop import train
+
+pytestmark = pytest.mark.slow
 
 _CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
 

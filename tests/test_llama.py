@@ -22,6 +22,8 @@ from m2sa_jax.models import llama
 from m2sa_jax.tree import count_params
 from tests.support.m2sa_helpers import write_sharded_bin
 
+pytestmark = pytest.mark.torch
+
 VOCAB = 101
 
 

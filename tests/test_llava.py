@@ -27,6 +27,8 @@ from checkpoints_convert.table import ConversionError
 from m2sa_jax.models import llava
 from tests.support.m2sa_helpers import write_sharded_bin
 
+pytestmark = pytest.mark.torch
+
 VOCAB = 120
 IMAGE = 56  # 4×4 patches of 14 → 16 image rows
 ROWS = (IMAGE // 14) ** 2

@@ -26,6 +26,8 @@ from m2sa_jax.training.losses import compute_losses
 from tests.support.m2sa_helpers import write_tiny_m2sa_folder
 from tests.support.torch_m2sa_reference import IMAGE_TOKEN_INDEX, mask_loss_terms
 
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
 SP_VOCAB = 400          # SentencePiece pieces of the test tokenizer; [SEG] etc. follow
 
 

@@ -18,6 +18,8 @@ from m2sa_jax.tree import count_params
 from m2sa_jax.params_io import load_meta, load_params
 from tests.support.sam_reference import torch_sam
 
+pytestmark = pytest.mark.torch
+
 # Narrow ViT-B wiring at 256 px with M²SA's compress_vit: small and quick, every key kind.
 TINY = narrow_config("vit_b", 32, 2, img_size=256, use_compress_vit=True)
 

@@ -15,6 +15,8 @@ from m2sa_jax.models.sam import (Sam, get_rel_pos, narrow_config, postprocess_ma
                                  postprocess_masks_padded)
 from tests.support.sam_reference import convert_module, max_abs, torch_sam
 
+pytestmark = pytest.mark.torch
+
 CFG = narrow_config("vit_h", 64, 4, use_compress_vit=True)
 
 

@@ -19,6 +19,8 @@ from m2sa_jax.models.sam import Sam, sam_config
 from m2sa_jax.sam_predictor import SamPredictor
 from tests.support.sam_reference import max_abs, torch_sam
 
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
 CFG = sam_config("vit_b")
 
 

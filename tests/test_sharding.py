@@ -27,6 +27,8 @@ import pytest
 from tests.support import REPO
 from tests.support.sharding_worker import initial_value
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 WORKER = [sys.executable, "-m", "tests.support.sharding_worker"]     # run from the repository root
 TOL = 1e-5
 REFERENCE, FSDP, DATA, TWO_PROCESS = "1,1,1", "2,4,1", "8,1,1", "1,2,2"

@@ -29,6 +29,8 @@ import pytest
 
 from tests.support import CONFIGS, train_tiny
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 STEPS = 8
 EXTRA = dict(train__lora__rank=4, train__lora__dropout=0.1, eval__overlays=0,
              eval__images_per_batch=2)
@@ -214,6 +216,7 @@ def _torch_from_folder(folder, sam_cfg):
     return ref.eval()
 
 
+@pytest.mark.torch
 def test_export_of_the_trained_run_matches_pytorch(runs):
     import jax
     import flax.linen as nn
