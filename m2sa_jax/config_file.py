@@ -16,7 +16,7 @@ import types
 from typing import Sequence
 
 import ml_collections
-from absl import app
+from absl import app, flags
 
 
 class ConfigError(ValueError):
@@ -121,7 +121,7 @@ def command_line_overrides(argv: Sequence[str], name: str = "config") -> tuple[s
     return spec, paths
 
 
-def flags_parser(default: str | None = None, name: str = "config"):
+def flags_parser(default: str | None = None, name: str = "config", program: str | None = None):
     """An ``app.run(..., flags_parser=...)`` that first loads the ``--config`` file and checks
     its overrides, so a misspelt key (``--config.train.lrr=1``) stops the program with the
     keys that exist, before anything runs (exit status 2).
@@ -129,9 +129,14 @@ def flags_parser(default: str | None = None, name: str = "config"):
     ``default``: the config file when the command line names none. It is given here, not to
     ``config_flags.DEFINE_config_file`` (define that flag with no default): a default there is
     loaded, with the command line's overrides, when the flag is defined, before any check.
+    ``program``: the module (``__name__``) that defines the program's flags; ``--help`` then
+    shows its docstring and flags even when ``__main__`` is an installed console script's stub
+    (absl describes ``__main__`` only).
     """
 
     def parse(argv):
+        if program is not None:
+            _describe_in_help(program, name)
         spec, paths = command_line_overrides(argv[1:], name)
         if spec is None and default:
             spec = default
@@ -145,3 +150,12 @@ def flags_parser(default: str | None = None, name: str = "config"):
         return app.parse_flags_with_usage(argv)
 
     return parse
+
+
+def _describe_in_help(program: str, config_flag: str) -> None:
+    main = sys.modules.get("__main__")
+    if main is not None and not main.__doc__:
+        main.__doc__ = sys.modules[program].__doc__
+    own = flags.FLAGS.flags_by_module_dict().get(program, [])
+    for flag in [*own, flags.FLAGS[config_flag]]:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                    dtype=dtype.value)
         return 0
 
-    app.run(run, argv=argv, flags_parser=flags_parser())
+    app.run(run, argv=argv, flags_parser=flags_parser(program=__name__))
     return 0
 
 
