@@ -23,8 +23,10 @@ from transformers import LlavaConfig as HFLlavaConfig
 from transformers import LlavaForConditionalGeneration
 
 from checkpoints_convert import llava as convert_llava
-from checkpoints_convert.table import ConversionError
-from m2sa_jax.models import llava
+from checkpoints_convert.io import iter_checkpoint
+from checkpoints_convert.table import ConversionError, convert
+from m2sa_jax.evaluation.decode import Generator
+from m2sa_jax.models import clip, llama, llava
 from tests.support.m2sa_helpers import write_sharded_bin
 
 pytestmark = pytest.mark.torch
@@ -150,8 +152,6 @@ def test_llava_hf_forward_matches_its_own(tmp_path):
 
 
 def test_v1_export_gives_back_the_checkpoint(v1_folder):
-    from checkpoints_convert.io import iter_checkpoint
-
     folder = v1_folder[0]
     params, layout, config = convert_llava.convert_folder(folder)
     exported = dict(convert_llava.export_params(params, layout, config, scan=False))
@@ -179,8 +179,6 @@ def test_rows_without_exactly_one_image_token_are_refused(v1_folder):
 
 def test_mlp2x_gelu_projector_matches_pytorch():
     """LLaVA-1.5's projector as LLaVA's own checkpoints name it (mm_projector.0 / .2)."""
-    from checkpoints_convert.table import convert
-    from m2sa_jax.models import clip, llama
 
     torch.manual_seed(3)
     ref = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
@@ -203,7 +201,6 @@ def test_mlp2x_gelu_projector_matches_pytorch():
 def test_multimodal_prompt_generation(v1_folder):
     """Right-padded multimodal prefill (spliced embeddings) decodes each row as if alone, and
     the first token is the PyTorch composition's argmax after the prompt."""
-    from m2sa_jax.evaluation.decode import Generator
 
     folder, lm, tower, projector = v1_folder
     params, _, config = convert_llava.convert_folder(folder)

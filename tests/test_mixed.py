@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
-from m2sa_jax.data.mixed import PAPER_RATIOS, MixedSource
+from m2sa_jax.data.mixed import PAPER_RATIOS, MixedSource, training_mixture
 from m2sa_jax.data.types import BadRecord, Sample
 from tests.support.dataset_root import DATASET_HW, DATASET_POLYGON, write_dataset_root
 
@@ -85,9 +86,6 @@ def test_config_errors_name_the_problem():
 
 def test_training_mixture_from_dataset_root(tmp_path):
     """All four groups opened from one root in the documented layout, drawn 2:9:2:6."""
-    from pycocotools import mask as mask_utils
-
-    from m2sa_jax.data.mixed import training_mixture
 
     root = tmp_path
     h, w = DATASET_HW

@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from m2sa_jax import config_file, sharding
+from m2sa_jax.models import llama
 from m2sa_jax.tree import flatten
 from m2sa_jax.training import memory_plan, optim, setup
 
@@ -123,7 +124,6 @@ def test_7b_parameter_counts_and_trainable_set(abstract_7b):
 
 def test_13b_parameter_count():
     config = memory_plan.model_config(load("m2sa_llama2_13b"))
-    from m2sa_jax.models import llama
 
     assert _count(llama.param_shapes(config.llava.text)) == LLAMA2_13B
     assert config.llava.text.rms_norm_eps == 1e-5

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboardX.proto.event_pb2 import Event
 
 from m2sa_jax.tree import flatten
 from m2sa_jax.training import loop
@@ -30,7 +31,6 @@ K = 3
 
 def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
     """Scalars of TensorBoard event files (TFRecord framing: length, crc, event, crc)."""
-    from tensorboardX.proto.event_pb2 import Event
 
     out: dict[str, list] = {}
     for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):

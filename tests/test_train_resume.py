@@ -24,9 +24,19 @@ import signal
 import subprocess
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
+from checkpoints_convert.io import iter_checkpoint
+from m2sa_jax import sharding
+from m2sa_jax.data.skips import SkipCounter
+from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from m2sa_jax.models import lora as lora_lib
+from m2sa_jax.models.m2sa import M2SA
+from m2sa_jax.training import checkpoint as ckpt_lib
+from m2sa_jax.training import loop
 from tests.support import CONFIGS, train_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -169,8 +179,6 @@ def _torch_from_folder(folder, sam_cfg):
     from segment_anything.modeling.common import LayerNorm2d
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from checkpoints_convert.io import iter_checkpoint
-    from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
     from tests.support.torch_m2sa_reference import TorchM2SA
 
     hf = json.load(open(os.path.join(folder, "config.json")))
@@ -218,16 +226,7 @@ def _torch_from_folder(folder, sam_cfg):
 
 @pytest.mark.torch
 def test_export_of_the_trained_run_matches_pytorch(runs):
-    import jax
-    import flax.linen as nn
     import torch
-
-    from m2sa_jax.data.skips import SkipCounter
-    from m2sa_jax.models import lora as lora_lib
-    from m2sa_jax.models.m2sa import M2SA
-    from m2sa_jax.training import checkpoint as ckpt_lib
-    from m2sa_jax import sharding
-    from m2sa_jax.training import loop
 
     dst = str(runs["tmp"] / "exported")
     cmd = [train_tiny.sys.executable, "-m", "m2sa_jax.training.export",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
+
 
 _CORPUS = """A chat between a curious human and an artificial intelligence assistant.
 The assistant gives helpful, detailed, and polite answers to the human's questions.
@@ -15,7 +17,6 @@ Segment the wheels of the car, the back of the chair and the shade of the lamp."
 
 def make_tokenizer_files(folder: str, vocab_size: int) -> int:
     """A small LLaMA-style tokenizer with LISA's added tokens. Returns the [SEG] id."""
-    from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
 
     seg = build_tokenizer_folder(folder, _CORPUS.splitlines() * 20, vocab_size)
     if seg != vocab_size:
