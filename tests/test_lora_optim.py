@@ -50,6 +50,7 @@ def run(tmp_path_factory):
                 lora_cfg=lora_cfg, batches=batches, model=model, step=step)
 
 
+@pytest.mark.slow
 def test_frozen_parameters_are_bit_identical_and_have_no_adam_moments(run):
     labels = flatten(run["labels"])
     trainable = sorted(k for k, v in labels.items() if v == optim.TRAINABLE)
@@ -143,6 +144,7 @@ def _concat(a, b):
     return out
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_larger_batch(run):
     """k = 2 micro-batches vs one batch of both.
 
@@ -187,6 +189,7 @@ def _random_lora(lora_tree, seed):
                       for key, (k, v) in zip(keys, sorted(flat.items()))})
 
 
+@pytest.mark.slow
 def test_lora_merged_equals_unmerged_on_the_m2sa_forward(run):
     model, lora_cfg = run["model"], run["lora_cfg"]
     params = run["state"]["variables"]["params"]

@@ -26,7 +26,7 @@ from m2sa_jax.training.losses import compute_losses
 from tests.support.m2sa_helpers import write_tiny_m2sa_folder
 from tests.support.torch_m2sa_reference import IMAGE_TOKEN_INDEX, mask_loss_terms
 
-pytestmark = [pytest.mark.torch, pytest.mark.slow]
+pytestmark = pytest.mark.torch
 
 SP_VOCAB = 400          # SentencePiece pieces of the test tokenizer; [SEG] etc. follow
 
@@ -67,6 +67,7 @@ def _inputs(seg_id, rng):
     return image, ids, am, labels
 
 
+@pytest.mark.slow
 def test_m2sa_forward_matches_pytorch(setup):
     ref, config, params, seg_id = setup["ref"], setup["config"], setup["params"], setup["seg_id"]
     rng = np.random.default_rng(1)

@@ -61,6 +61,7 @@ def nan_run(tmp_path_factory):
     return cfg, workdir
 
 
+@pytest.mark.slow
 def test_nonfinite_updates_are_skipped_and_the_run_stops(nan_run, capsys):
     cfg, workdir = nan_run
     with pytest.raises(loop.NonFiniteLoss) as info:
