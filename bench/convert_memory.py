@@ -1,9 +1,9 @@
 """Peak memory of converting (``python -m checkpoints_convert llava``) and of loading a model
 folder directly (``m2sa_jax.load``), on synthetic multi-GB checkpoints.
 
-    python bench/convert_memory.py [--hidden 2048] [--layers 10] [--format bin|safetensors]
+    python -m bench.convert_memory [--hidden 2048] [--layers 10] [--format bin|safetensors]
                                    [--dtype bfloat16] [--workdir /tmp]
-    python bench/convert_memory.py --load [--load-size 7b|tiny] [--workdir /tmp]
+    python -m bench.convert_memory --load [--load-size 7b|tiny] [--workdir /tmp]
 
 ``--load`` writes a LISA/M²SA folder of the 7B shape as the public code releases it (bf16
 safetensors shards, no CLIP weights, config.json naming a CLIP ViT-L/14 tower saved on its own),
@@ -32,10 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))     # the test vocabulary (tests/llama_vocab.py)
 
 
 def write_checkpoint(folder: str, hidden: int, layers: int, fmt: str, shard_gb: float) -> int:
@@ -109,7 +105,7 @@ def _status_kb(pid: int) -> dict:
 
 
 def measure(cmd: list[str], stdout=None) -> dict:
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=ROOT), stdout=stdout)
+    proc = subprocess.Popen(cmd, stdout=stdout)
     peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
 
     def poll():
@@ -190,7 +186,7 @@ def write_released_folder(root: str, size: str) -> tuple[str, int]:
     Returns (folder, weight bytes of folder and tower)."""
     from m2sa_jax.checkpoints.llava import clip_rules
     from m2sa_jax.checkpoints.m2sa import m2sa_rules
-    import llama_vocab
+    from tests.support import llama_vocab
     from m2sa_jax.models import clip, llama, llava
     from m2sa_jax.models.m2sa import M2SAConfig, abstract_params
     from m2sa_jax.models.sam import sam_config

@@ -18,7 +18,7 @@ from m2sa_jax.checkpoints import sam as sam_ckpt
 def _to_jax(args) -> int:
     params, config, meta = sam_ckpt.convert_file(args.src, prefix=args.prefix,
                                                  model_type=args.model_type,
-                                                 dtype=dtypes.numpy_dtype(args.dtype))
+                                                 dtype=dtypes.storage_dtype(args.dtype))
     with converted.atomic_directory(args.dst, overwrite=args.overwrite) as tmp:
         converted.save_params(tmp, params, meta)
     print(f"SAM {config.model_type} (compress_vit: {config.use_compress_vit}) → {args.dst}")

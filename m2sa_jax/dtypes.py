@@ -1,4 +1,9 @@
-"""The floating-point dtypes by name, in their numpy (ml_dtypes) and jax forms, in one table."""
+"""Floating-point dtypes by the names configs and command lines use.
+
+One table gives each name its JAX compute dtype (what a Flax module's ``dtype=`` takes) and its
+NumPy storage dtype (what converted weights are written as; bfloat16 is ml_dtypes', since NumPy
+has none).
+"""
 
 from __future__ import annotations
 
@@ -6,28 +11,26 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-NAMES = ("float32", "bfloat16", "float16")
-_NUMPY = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-          "float16": np.dtype(np.float16)}
-_JAX = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# name → (JAX compute dtype, NumPy storage dtype)
+_TABLE = {
+    "float32": (jnp.float32, np.dtype(np.float32)),
+    "bfloat16": (jnp.bfloat16, np.dtype(ml_dtypes.bfloat16)),
+    "float16": (jnp.float16, np.dtype(np.float16)),
+}
+NAMES = tuple(_TABLE)
 
 
-def _check(name: str) -> str:
-    if name not in _NUMPY:
-        raise ValueError(f"unknown dtype {name!r}: expected one of {NAMES}")
-    return name
+def _entry(name: str):
+    if name not in _TABLE:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(NAMES)}")
+    return _TABLE[name]
 
 
-def numpy_dtype(name: str | None):
-    """``"bfloat16"`` → ``np.dtype(ml_dtypes.bfloat16)``; None stays None (keep as stored)."""
-    return None if name is None else _NUMPY[_check(name)]
+def compute_dtype(name: str | None):
+    """The JAX dtype a model computes in; ``None`` means float32."""
+    return _entry(name or "float32")[0]
 
 
-def jax_dtype(name: str | None, default=jnp.float32):
-    """``"bfloat16"`` → ``jnp.bfloat16``; None gives ``default``."""
-    return default if name is None else _JAX[_check(name)]
-
-
-def name_of(dtype) -> str:
-    """The table's name of a numpy/jax dtype (``jnp.bfloat16`` → ``"bfloat16"``)."""
-    return np.dtype(dtype).name
+def storage_dtype(name: str | None) -> np.dtype | None:
+    """The NumPy dtype weights are stored as; ``None`` keeps each array's own dtype."""
+    return None if name is None else _entry(name)[1]

@@ -4,6 +4,7 @@ against transformers' PIL image processor on a real photograph."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from transformers import CLIPVisionConfig as HFCLIPVisionConfig
 from transformers import CLIPVisionModel as HFCLIPVisionModel
@@ -13,6 +14,8 @@ from m2sa_jax.checkpoints.llava import clip_rules
 from m2sa_jax.data.preprocess import clip_preprocess
 from m2sa_jax.models import clip
 from m2sa_jax.tree import count_params
+
+pytestmark = pytest.mark.torch
 
 
 def _tiny():

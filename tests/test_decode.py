@@ -14,6 +14,8 @@ from m2sa_jax.checkpoints import llava as convert_llava
 from m2sa_jax.evaluation import decode
 from m2sa_jax.models import llama
 
+pytestmark = pytest.mark.torch
+
 VOCAB = 101
 EOS = 2
 

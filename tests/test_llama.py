@@ -18,9 +18,13 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
 from m2sa_jax.checkpoints import llava as convert_llava
+from checkpoints_convert.__main__ import main as convert_main
 from m2sa_jax.models import llama
+from m2sa_jax.checkpoints.converted import load_meta, load_params
 from m2sa_jax.tree import count_params
-from m2sa_helpers import write_sharded_bin
+from tests.support.m2sa_helpers import write_sharded_bin
+
+pytestmark = pytest.mark.torch
 
 VOCAB = 101
 
@@ -204,14 +208,11 @@ def test_export_round_trip(checkpoints):
 
 
 def test_cli_writes_orbax_and_tokenizer(checkpoints, tmp_path):
-    from checkpoints_convert.__main__ import main
-    from m2sa_jax.checkpoints.converted import load_meta, load_params
-
     folder, hf = checkpoints["gqa_safetensors"]
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"model_max_length": 512}, f)
     dst = tmp_path / "out"
-    assert main(["llava", "--src", folder, "--dst", str(dst), "--dtype", "bfloat16",
+    assert convert_main(["llava", "--src", folder, "--dst", str(dst), "--dtype", "bfloat16",
                  "--scan"]) == 0
     meta = load_meta(str(dst))
     assert meta["model"] == "llama" and meta["scan_layers"] and meta["dtype"] == "bfloat16"

@@ -23,9 +23,13 @@ from transformers import LlavaConfig as HFLlavaConfig
 from transformers import LlavaForConditionalGeneration
 
 from m2sa_jax.checkpoints import llava as convert_llava
-from m2sa_jax.checkpoints.table import ConversionError
-from m2sa_jax.models import llava
-from m2sa_helpers import write_sharded_bin
+from m2sa_jax.checkpoints.torch_io import iter_checkpoint
+from m2sa_jax.checkpoints.table import ConversionError, convert
+from m2sa_jax.evaluation.decode import Generator
+from m2sa_jax.models import clip, llama, llava
+from tests.support.m2sa_helpers import write_sharded_bin
+
+pytestmark = pytest.mark.torch
 
 VOCAB = 120
 IMAGE = 56  # 4×4 patches of 14 → 16 image rows
@@ -148,8 +152,6 @@ def test_llava_hf_forward_matches_its_own(tmp_path):
 
 
 def test_v1_export_gives_back_the_checkpoint(v1_folder):
-    from m2sa_jax.checkpoints.torch_io import iter_checkpoint
-
     folder = v1_folder[0]
     params, layout, config, _ = convert_llava.convert_folder(folder)
     exported = dict(convert_llava.export_params(params, layout, config, scan=False))
@@ -180,8 +182,6 @@ def test_rows_without_exactly_one_image_token_are_refused(v1_folder):
 
 def test_mlp2x_gelu_projector_matches_pytorch():
     """LLaVA-1.5's projector as LLaVA's own checkpoints name it (mm_projector.0 / .2)."""
-    from m2sa_jax.checkpoints.table import convert
-    from m2sa_jax.models import clip, llama
 
     torch.manual_seed(3)
     ref = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
@@ -204,7 +204,6 @@ def test_mlp2x_gelu_projector_matches_pytorch():
 def test_multimodal_prompt_generation(v1_folder):
     """Right-padded multimodal prefill (spliced embeddings) decodes each row as if alone, and
     the first token is the PyTorch composition's argmax after the prompt."""
-    from m2sa_jax.evaluation.decode import Generator
 
     folder, lm, tower, projector = v1_folder
     params, _, config, _ = convert_llava.convert_folder(folder)

@@ -12,7 +12,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -20,10 +19,13 @@ import torch
 from checkpoints_convert.__main__ import main as convert_main
 from m2sa_jax.models.m2sa import M2SAConfig
 from m2sa_jax.data.preprocess import clip_preprocess, sam_preprocess
-from m2sa_jax.models.m2sa import M2SA, compute_losses
+from m2sa_jax.models.m2sa import M2SA
 from m2sa_jax.checkpoints.converted import load_meta, load_params
-from m2sa_helpers import write_tiny_m2sa_folder
-from torch_m2sa_reference import IMAGE_TOKEN_INDEX, mask_loss_terms
+from m2sa_jax.training.losses import compute_losses
+from tests.support.m2sa_helpers import write_tiny_m2sa_folder
+from tests.support.torch_m2sa_reference import IMAGE_TOKEN_INDEX, mask_loss_terms
+
+pytestmark = pytest.mark.torch
 
 SP_VOCAB = 400          # SentencePiece pieces of the test tokenizer; [SEG] etc. follow
 
@@ -64,6 +66,7 @@ def _inputs(seg_id, rng):
     return image, ids, am, labels
 
 
+@pytest.mark.slow
 def test_m2sa_forward_matches_pytorch(setup):
     ref, config, params, seg_id = setup["ref"], setup["config"], setup["params"], setup["seg_id"]
     rng = np.random.default_rng(1)

@@ -30,7 +30,7 @@ from m2sa_jax.checkpoints import clip_tower, converted, torch_io
 from m2sa_jax.checkpoints.resolve import ModelNotFoundError, resolve
 from m2sa_jax.checkpoints.table import ConversionError
 from m2sa_jax.models.m2sa import M2SA
-from m2sa_helpers import (save_clip_model_with_tower, save_clip_tower, teacher_forced_case,
+from tests.support.m2sa_helpers import (save_clip_model_with_tower, save_clip_tower, teacher_forced_case,
                           write_hf_cache_repo, write_released_m2sa_folder)
 
 pytestmark = pytest.mark.torch
@@ -258,7 +258,7 @@ def test_half_precision_sources_and_bf16_loading(released, tmp_path):
     ``dtype="bfloat16"`` keeps the language side in bf16 and SAM in float32."""
     import torch
 
-    from m2sa_helpers import write_sharded_safetensors
+    from tests.support.m2sa_helpers import write_sharded_safetensors
     from m2sa_jax.tree import flatten
 
     ref_rounded = None

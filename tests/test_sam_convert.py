@@ -16,7 +16,9 @@ from m2sa_jax.checkpoints.table import ConversionError
 from m2sa_jax.models.sam import abstract_params, narrow_config, sam_config
 from m2sa_jax.tree import count_params
 from m2sa_jax.checkpoints.converted import load_meta, load_params
-from test_sam_support import torch_sam
+from tests.support.sam_reference import torch_sam
+
+pytestmark = pytest.mark.torch
 
 # Narrow ViT-B wiring at 256 px with M²SA's compress_vit: small and quick, every key kind.
 TINY = narrow_config("vit_b", 32, 2, img_size=256, use_compress_vit=True)

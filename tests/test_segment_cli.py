@@ -4,7 +4,6 @@ checkpoint and a real photograph, plus every bad input the user-facing path must
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -18,7 +17,7 @@ from m2sa_jax.data import conversation
 from m2sa_jax.data.pipeline import collate, BatchShapes
 from m2sa_jax.pipeline import mask_labels, read_image
 from m2sa_jax.segment import main as segment_main
-from m2sa_helpers import write_tiny_m2sa_folder
+from tests.support.m2sa_helpers import write_tiny_m2sa_folder
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +70,7 @@ def _force_first_token(pred, image, question, token_id, amount=100.0):
 QUESTION = "Which parts would you hold to carry the cup?"
 
 
+@pytest.mark.torch
 def test_segment_generates_masks_consistent_with_teacher_forcing(converted, photo):
     pred = m2sa_jax.load(str(converted["dst"]), max_new_tokens=6)
     image = read_image(str(photo))
@@ -92,6 +92,7 @@ def test_segment_generates_masks_consistent_with_teacher_forcing(converted, phot
     assert err <= 1e-4
 
 
+@pytest.mark.torch
 def test_answer_without_seg_gives_zero_masks(converted, photo):
     pred = m2sa_jax.load(str(converted["dst"]), max_new_tokens=4)
     image = read_image(str(photo))
@@ -101,6 +102,7 @@ def test_answer_without_seg_gives_zero_masks(converted, photo):
     assert result.labels == [] and result.answer == ""
 
 
+@pytest.mark.torch
 def test_batched_pairs_equal_single_calls(converted, photo):
     pred = m2sa_jax.load(str(converted["dst"]), max_new_tokens=5)
     other = data.astronaut()[::4, ::4]
@@ -114,6 +116,7 @@ def test_batched_pairs_equal_single_calls(converted, photo):
         np.testing.assert_allclose(single.mask_logits, r.mask_logits, atol=1e-4)
 
 
+@pytest.mark.torch
 def test_cli_end_to_end(converted, photo, tmp_path, capsys):
     out = tmp_path / "out"
     rc = segment_main(["--checkpoint", str(converted["dst"]), "--image", str(photo),
@@ -148,6 +151,7 @@ def test_image_modes_are_converted(tmp_path, mode):
         assert np.abs(out.astype(int) - rgb.astype(int)).max() <= 1
 
 
+@pytest.mark.torch
 def test_bad_inputs_have_clear_errors(converted, photo, tmp_path, capsys):
     dst = str(converted["dst"])
     # missing image
@@ -179,6 +183,7 @@ def test_bad_inputs_have_clear_errors(converted, photo, tmp_path, capsys):
     assert rc == 2 and "m2sa_meta.json" in capsys.readouterr().err
 
 
+@pytest.mark.torch
 def test_non_m2sa_folder_names_what_is_missing(tmp_path, capsys):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

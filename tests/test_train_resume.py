@@ -10,8 +10,8 @@ iterator's position all came back. A persistent compilation cache shared by the 
 the later runs from compiling the step again.
 
 The uninterrupted run is then exported with ``python -m m2sa_jax.training.export`` (LoRA
-merged, LISA/M²SA layout) and loaded into the PyTorch reference (tests/torch_m2sa_reference.py)
-built from the exported config.json; its forward on a training batch must match the JAX model
+merged, LISA/M²SA layout) and loaded into the PyTorch reference
+(tests/support/torch_m2sa_reference.py) built from the exported config.json; its forward on a training batch must match the JAX model
 run from the checkpoint with the LoRA branch unmerged (logits ≤ 1e-4, mask logits ≤ 1e-3 as in
 the M²SA parity test). The export lives here to reuse the trained run.
 """
@@ -24,10 +24,22 @@ import signal
 import subprocess
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
-import train_tiny
+from m2sa_jax.checkpoints.torch_io import iter_checkpoint
+from m2sa_jax import sharding
+from m2sa_jax.data.skips import SkipCounter
+from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from m2sa_jax.models import lora as lora_lib
+from m2sa_jax.models.m2sa import M2SA
+from m2sa_jax.checkpoints import runs as ckpt_lib
+from m2sa_jax.training import loop
+from tests.support import train_tiny
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 STEPS = 8
 EXTRA = dict(train__lora__rank=4, train__lora__dropout=0.1, eval__overlays=0,
@@ -167,9 +179,7 @@ def _torch_from_folder(folder, sam_cfg):
     from segment_anything.modeling.common import LayerNorm2d
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from m2sa_jax.checkpoints.torch_io import iter_checkpoint
-    from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
-    from torch_m2sa_reference import TorchM2SA
+    from tests.support.torch_m2sa_reference import TorchM2SA
 
     hf = json.load(open(os.path.join(folder, "config.json")))
     assert hf["architectures"] == ["LISAForCausalLM"]
@@ -214,16 +224,9 @@ def _torch_from_folder(folder, sam_cfg):
     return ref.eval()
 
 
+@pytest.mark.torch
 def test_export_of_the_trained_run_matches_pytorch(runs):
-    import jax
-    import flax.linen as nn
     import torch
-
-    from m2sa_jax.data.skips import SkipCounter
-    from m2sa_jax.models import lora as lora_lib
-    from m2sa_jax.models.m2sa import M2SA
-    from m2sa_jax.checkpoints import runs as ckpt_lib
-    from m2sa_jax.training import loop, sharding
 
     dst = str(runs["tmp"] / "exported")
     cmd = [train_tiny.sys.executable, "-m", "m2sa_jax.training.export",
@@ -236,7 +239,7 @@ def test_export_of_the_trained_run_matches_pytorch(runs):
     # JAX: the trained run's last checkpoint, LoRA applied at run time (not merged)
     cfg = train_tiny.config(runs["data"], **EXTRA)
     config, params, tokenizer, root, images, *_ = loop.build(cfg)
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    mesh = sharding.mesh_from_config(cfg.mesh)
     state, _, _, _, _, lora_cfg = loop.init_state(cfg, config, params, mesh)
     ckpts = ckpt_lib.RunCheckpoints(os.path.join(runs["full_dir"], "checkpoints"),
                                     async_save=False)

@@ -275,7 +275,7 @@ def convert_to_directory(src: str, dst: str, *, scan: bool = False, dtype: str |
         work = os.path.join(tmp, ".convert_tmp")
         try:
             params, layout, config, tower = convert_folder(
-                src, scan=scan, dtype=dtypes.numpy_dtype(dtype), workdir=work,
+                src, scan=scan, dtype=dtypes.storage_dtype(dtype), workdir=work,
                 vision_tower=vision_tower)
             params = converted.reopen_readonly(params)
             converted.save_streaming(tmp, params, config_meta(layout, config, scan, dtype, tower))

@@ -199,7 +199,7 @@ def convert_to_directory(src: str, dst: str, *, scan: bool = False, dtype: str |
     """Converts ``src`` into the directory ``dst`` (written atomically)."""
     from m2sa_jax import dtypes
 
-    params, info = convert_folder(src, scan=scan, dtype=dtypes.numpy_dtype(dtype),
+    params, info = convert_folder(src, scan=scan, dtype=dtypes.storage_dtype(dtype),
                                   vision_tower=vision_tower)
     with converted.atomic_directory(dst, overwrite=overwrite) as tmp:
         copy_tokenizer(src, tmp)
@@ -224,7 +224,7 @@ def export_folder(src: str, dst: str, *, dtype: str | None = None,
     os.makedirs(dst, exist_ok=True)
     shards, current, size = [], {}, 0
     for key, arr in export(params, m2sa_rules(config, meta["scan_layers"]),
-                           dtype=dtypes.numpy_dtype(dtype)):
+                           dtype=dtypes.storage_dtype(dtype)):
         if current and size + arr.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0

@@ -103,7 +103,7 @@ def resolve(source: str, *, vision_tower: str | None = None, dtype: str = "float
     converted directory there (PyTorch folders and Hugging Face ids; needs an empty or new
     folder unless ``overwrite``)."""
     source = os.fspath(source)
-    dt, sdt = dtype_table.jax_dtype(dtype), dtype_table.jax_dtype(sam_dtype)
+    dt, sdt = dtype_table.compute_dtype(dtype), dtype_table.compute_dtype(sam_dtype)
     place = _placer(dt, sdt, device)
     path, step = split_step(source)
     reasons = {}

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -29,6 +29,7 @@ from m2sa_jax.data.pipeline import BatchShapes, Example, collate, iter_examples
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import Sample
 from m2sa_jax.evaluation.metrics import SegmentationMetrics
+from m2sa_jax.evaluation.report import print_summary
 from m2sa_jax.models.m2sa import M2SA
 
 RESULTS_VERSION = 1
@@ -148,7 +149,7 @@ def make_forward(model: M2SA, max_traces: int | None = None):
 
 def data_mesh():
     """A data-only mesh over the local devices (evaluation is data parallel)."""
-    from m2sa_jax.training.sharding import make_mesh
+    from m2sa_jax.sharding import make_mesh
 
     return make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.local_devices())
 
@@ -157,7 +158,7 @@ def place_batch(batch: dict, mesh) -> dict:
     """The batch's leading axes split over the mesh's data axis (replicated if indivisible)."""
     if mesh is None:
         return batch
-    from m2sa_jax.training.sharding import batch_sharding
+    from m2sa_jax.sharding import batch_sharding
 
     return jax.device_put(batch, batch_sharding(batch, mesh))
 
@@ -165,7 +166,7 @@ def place_batch(batch: dict, mesh) -> dict:
 def replicate(variables, mesh):
     if mesh is None:
         return variables
-    from m2sa_jax.training.sharding import replicated
+    from m2sa_jax.sharding import replicated
 
     return jax.device_put(variables, replicated(mesh))
 
@@ -341,8 +342,8 @@ def load_model(cfg):
 
 def load_samples(cfg) -> tuple[list[Sample], SkipCounter]:
     """The benchmark ``eval.dataset`` / ``eval.split`` through the readers of
-    :mod:`m2sa_jax.evaluation.benchmarks`."""
-    from m2sa_jax.evaluation import benchmarks
+    :mod:`m2sa_jax.data.benchmarks`."""
+    from m2sa_jax.data import benchmarks
 
     e, name, split = cfg.eval, cfg.eval.dataset, cfg.eval.split
     if name not in DATASETS:
@@ -468,21 +469,3 @@ def run(cfg, workdir: str, *, host_index: int | None = None, host_count: int | N
     print(f"metrics: {path}")
     return summary
 
-
-def print_summary(s: dict) -> None:
-    print(f"{s['dataset']} {s['split']} ({s['protocol'].replace('_', '-')}), {s['checkpoint']}")
-    print(f"  {'targets':<8} {'gIoU':>7} {'cIoU':>7} {'masks':>7}")
-    for group in ("all", "object", "part"):
-        r = s["metrics"].get(group)
-        if r:
-            print(f"  {group:<8} {r['giou']:7.4f} {r['ciou']:7.4f} {r['masks']:7d}")
-    c = s["counts"]
-    print(f"  images {c['images']}, questions {c['questions']}, masks {c['masks']}; "
-          f"{s['samples_per_s']:.2f} questions/s")
-    g = s.get("generate")
-    if g:
-        print(f"  generated answers: {g['exact']} with as many [SEG] as targets, {g['fewer']} "
-              f"fewer ({g['missing_masks']} targets scored as empty), {g['more']} more "
-              f"({g['extra_masks']} extra masks, not scored)")
-    if s["skipped"]:
-        print("  skipped records: " + ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())))

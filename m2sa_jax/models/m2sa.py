@@ -26,7 +26,6 @@ import jax.numpy as jnp
 from m2sa_jax.models import clip, llama
 from m2sa_jax.models import llava as llava_lib
 from m2sa_jax.models import sam as sam_lib
-from m2sa_jax.training import losses as losses_lib
 
 VARIANTS = ("m2sa", "lisa")
 
@@ -195,38 +194,6 @@ class M2SA(nn.Module):
         return self(batch["sam_images"], batch["clip_images"], batch["input_ids"],
                     batch["attention_mask"], batch["conv_image_index"], batch["resized_hw"],
                     batch["original_hw"], targets_per_question=n, mask_hw=(mh, mw))
-
-
-def expand_labels(labels, text_to_expanded, expanded_len: int):
-    """Text labels [Q, T] → labels of the expanded sequence [Q, E] (image rows are -100)."""
-    q = labels.shape[0]
-    out = jnp.full((q, expanded_len), losses_lib.IGNORE_INDEX, labels.dtype)
-    rows = jnp.arange(q)[:, None]
-    return out.at[rows, text_to_expanded].set(labels)
-
-
-def pixel_valid_mask(original_sizes, seg_image, mask_size):
-    """[M, Hmax, Wmax] bool: inside the original image of each target."""
-    hw = original_sizes[seg_image]                                          # [M, 2]
-    ys = jnp.arange(mask_size[0])[None, :, None] < hw[:, 0, None, None]
-    xs = jnp.arange(mask_size[1])[None, None, :] < hw[:, 1, None, None]
-    return ys & xs
-
-
-def compute_losses(outputs, batch: Mapping[str, Any], *, ce_weight: float, bce_weight: float,
-                   dice_weight: float):
-    """SPEC §4 losses of a forward on a collated batch. Targets are ``gt_masks`` [Q, N, H, W]
-    with ``target_valid`` [Q, N] in [SEG] order; padded conversations carry no labels."""
-    q, n, mh, mw = batch["gt_masks"].shape
-    exp_labels = expand_labels(batch["labels"], outputs["text_to_expanded"],
-                               outputs["logits"].shape[1])
-    valid = batch["target_valid"].reshape(-1) & outputs["seg_valid"]
-    pv = pixel_valid_mask(batch["original_hw"], outputs["seg_image"], (mh, mw))
-    return losses_lib.m2sa_loss(
-        outputs["logits"], exp_labels, outputs["mask_logits"],
-        batch["gt_masks"].reshape(q * n, mh, mw), valid, pv, outputs["seg_image"],
-        batch["sam_images"].shape[0], ce_weight=ce_weight, bce_weight=bce_weight,
-        dice_weight=dice_weight)
 
 
 def abstract_params(config: M2SAConfig) -> dict:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2sa_jax import sharding
 from m2sa_jax.data import mixed
 from m2sa_jax.data.mmr import MMRDataset, mmr_split_path
 from m2sa_jax.data.pipeline import BatchShapes
@@ -29,7 +30,7 @@ from m2sa_jax.checkpoints import runs
 from m2sa_jax.checkpoints.runs import RunCheckpoints, abstract_like
 from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
 from m2sa_jax.training.checkpoint import StopFlag
-from m2sa_jax.training import optim, setup, sharding
+from m2sa_jax.training import optim, setup
 from m2sa_jax.training.step import make_train_step
 
 
@@ -40,10 +41,6 @@ DATA_KINDS = ("synthetic", "mmr", "mixture")
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def _lora_cfg(cfg):
-    return lora_lib.LoraConfig.from_dict(cfg.train.lora)
 
 
 def check_data_kind(cfg) -> str:
@@ -105,7 +102,7 @@ def batch_shapes(cfg, conversations=None, images=None) -> BatchShapes:
 
 
 def init_state(cfg, config, params, mesh):
-    lora_cfg = _lora_cfg(cfg)
+    lora_cfg = lora_lib.LoraConfig.from_dict(cfg.train.lora)
     variables = {"params": params}
     if lora_cfg is not None:
         variables["lora"] = lora_lib.init(jax.random.key(cfg.seed + 7), params, lora_cfg)
@@ -115,7 +112,7 @@ def init_state(cfg, config, params, mesh):
         labels, lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps,
         total_steps=cfg.train.steps, b1=cfg.train.b1, b2=cfg.train.b2,
         weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm)
-    var_sh = sharding.param_shardings(variables, mesh)
+    var_sh = sharding.param_shardings(variables, mesh, cfg.mesh.rules)
     variables = sharding.put_global(jax.tree.map(lambda x: np.asarray(x, np.float32), variables),
                                     var_sh)
     opt_state = jax.jit(optimizer.init)(variables)
@@ -193,7 +190,7 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
 
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    mesh = sharding.mesh_from_config(cfg.mesh)
     built = build(cfg)
     config, tokenizer, root, images = built.config, built.tokenizer, built.root, built.images
     model = M2SA(config)
@@ -319,13 +316,14 @@ def evaluate_split(cfg, model, state, config, tokenizer, root, images, overlay_d
                    progress=True, label=""):
     """Teacher-forced gIoU/cIoU on the held-out split, overall and per granularity."""
     from m2sa_jax.evaluation import runner
+    from m2sa_jax.evaluation.report import print_table
 
     dataset = MMRDataset(mmr_split_path(root, cfg.eval.split), images, prompt="val")
     samples = [dataset.sample(i, all_questions=True) for i in range(len(dataset))]
     most = max((len(s.questions) for s in samples), default=1)
     shapes = batch_shapes(cfg, conversations=cfg.eval.images_per_batch * most,
                           images=cfg.eval.images_per_batch)
-    params = merged_params(state, _lora_cfg(cfg))
+    params = merged_params(state, lora_lib.LoraConfig.from_dict(cfg.train.lora))
     forward = runner.make_forward(model)
     metrics, skips, stats = runner.evaluate(
         forward, {"params": params}, samples, tokenizer, shapes, split=cfg.eval.split,
@@ -340,12 +338,3 @@ def evaluate_split(cfg, model, state, config, tokenizer, root, images, overlay_d
         print(f"overlays: {os.path.abspath(overlay_dir)}")
     return dict(metrics=result, stats=stats, skipped=dict(skips.counts))
 
-
-def print_table(result: dict, title: str = "") -> None:
-    if title:
-        print(title)
-    print(f"  {'targets':<8} {'gIoU':>7} {'cIoU':>7} {'masks':>7}")
-    for group in ("all", "object", "part"):
-        r = result.get(group)
-        if r:
-            print(f"  {group:<8} {r['giou']:7.3f} {r['ciou']:7.3f} {r['masks']:7d}")

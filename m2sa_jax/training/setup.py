@@ -22,17 +22,16 @@ from m2sa_jax.checkpoints import llava as llava_ckpt
 from m2sa_jax.checkpoints import sam as sam_ckpt
 from m2sa_jax.checkpoints.resolve import resolve
 from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from m2sa_jax.dtypes import compute_dtype
 from m2sa_jax.models import clip, llama, llava
 from m2sa_jax.models import sam as sam_lib
 from m2sa_jax.models.m2sa import M2SA, M2SAConfig, abstract_params
 from m2sa_jax.models.sam import sam_config
 from m2sa_jax.tree import flatten, unflatten
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def _compute(cfg):
-    return DTYPES[cfg.model.get("compute_dtype", "float32")]
+    return compute_dtype(cfg.model.get("compute_dtype", "float32"))
 
 
 def model_config_from_sizes(cfg, seg_token_id: int, vocab_size: int) -> M2SAConfig:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
+
 
 _CORPUS = """A chat between a curious human and an artificial intelligence assistant.
 The assistant gives helpful, detailed, and polite answers to the human's questions.
@@ -15,7 +17,6 @@ Segment the wheels of the car, the back of the chair and the shade of the lamp."
 
 def make_tokenizer_files(folder: str, vocab_size: int) -> int:
     """A small LLaMA-style tokenizer with LISA's added tokens. Returns the [SEG] id."""
-    from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
 
     seg = build_tokenizer_folder(folder, _CORPUS.splitlines() * 20, vocab_size)
     if seg != vocab_size:
@@ -78,7 +79,7 @@ def write_tiny_m2sa_folder(folder: str, variant: str = "m2sa", *, sam_depth: int
     tokenizer) from a random PyTorch reference model. Returns (reference model, [SEG] id, state)."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from torch_m2sa_reference import TorchM2SA, build_sam
+    from tests.support.torch_m2sa_reference import TorchM2SA, build_sam
 
     os.makedirs(folder, exist_ok=True)
     seg_id = make_tokenizer_files(folder, sp_vocab)
@@ -200,7 +201,7 @@ def teacher_forced_case(ref, seg_id: int, sp_vocab: int, *, seed: int = 1):
     from skimage import data
 
     from m2sa_jax.data.preprocess import clip_preprocess, sam_preprocess
-    from torch_m2sa_reference import IMAGE_TOKEN_INDEX
+    from tests.support.torch_m2sa_reference import IMAGE_TOKEN_INDEX
 
     rng = np.random.default_rng(seed)
     image = data.astronaut()[::2, ::3]                                   # 256×171
