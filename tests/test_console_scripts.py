@@ -16,7 +16,7 @@ from tests.support import REPO
 SCRIPTS = {
     "m2sa-train": ("--multihost", True),
     "m2sa-eval": ("--config", True),
-    "m2sa-export": ("--dst", True),
+    "m2sa-export": ("--dst", False),
     "m2sa-segment": ("--question", False),
     "m2sa-convert": ("{sam,llava,m2sa}", False),
     "m2sa-demo-sam": ("--checkpoint", False),
