@@ -2,8 +2,8 @@
 for M²SA-7B and M²SA-Llama2-13B in bf16 / int8 / int4, from XLA's memory analysis, without any
 weights (the inference sibling of bench/memory_plan.py).
 
-    python bench/memory_plan_inference.py                      # the table of the quantization note
-    python bench/memory_plan_inference.py --configs m2sa_7b --schemes int4 --vision \\
+    python -m bench.memory_plan_inference                      # the table of the quantization note
+    python -m bench.memory_plan_inference --configs m2sa_7b --schemes int4 --vision \\
         --json out.json
 
 One jitted function does what ``M2SAPredictor.segment`` does for one image and one question:
@@ -31,23 +31,18 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 GB = 1e9
 GOALS_GB = {("m2sa_7b", "int4"): 8.0, ("m2sa_7b", "int8"): 12.0, ("m2sa_llama2_13b", "int8"): 20.0}
 
 
 def load_config(name: str):
-    import importlib.util
+    from m2sa_jax import config_file
 
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_file.load(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def plan_row(name: str, scheme: str, vision: bool, *, prompt_tokens: int = 64,

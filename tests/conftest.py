@@ -25,32 +25,18 @@ def _torch_threads():
     yield
 
 
-_SYNTHETIC_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
-
-
-def synthetic_config(arg=None):
-    """``configs/synthetic.py`` (``arg`` picks the variant, e.g. ``"ci"``)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("synthetic_config", _SYNTHETIC_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 @pytest.fixture(scope="session")
 def trained_ci_run(tmp_path_factory):
-    """The learning demo's CI run (``configs/synthetic.py:ci``, about 1.5 minutes on 2 idle
-    cores), trained once per test session. Returns a namespace: ``workdir`` (train_log.jsonl,
-    metrics.json, overlays/, checkpoints/), ``cfg`` (the config it was trained with, whose
-    ``workdir`` and ``data.root`` point at this run) and ``summary`` (what ``train`` returned)."""
-    import types
-
+    """The learning demo's CI variant (configs/synthetic.py:ci, about 1.5 minutes on 2 idle
+    cores) trained once per test session through the real loop; the tests that need a trained
+    model share it. Returns the workdir, the data root, the config and the run's summary."""
+    from m2sa_jax import config_file
     from m2sa_jax.training.loop import train
+    from tests.support import CONFIGS
 
-    root = tmp_path_factory.mktemp("synthetic_ci")
-    cfg = synthetic_config("ci")
-    cfg.data.root = str(root / "data")
-    cfg.workdir = str(root / "run")
+    cfg = config_file.load(os.path.join(CONFIGS, "synthetic.py") + ":ci")
+    tmp = tmp_path_factory.mktemp("ci_run")
+    cfg.data.root = str(tmp / "data")
+    cfg.workdir = str(tmp / "run")
     summary = train(cfg, cfg.workdir, progress=False)
-    return types.SimpleNamespace(workdir=cfg.workdir, cfg=cfg, summary=summary)
+    return dict(workdir=cfg.workdir, data_root=cfg.data.root, cfg=cfg, summary=summary)

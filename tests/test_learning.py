@@ -6,10 +6,17 @@ session's shared ``trained_ci_run`` (tests/conftest.py), so other tests can use 
 import json
 import os
 import statistics
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_synthetic_run_learns(trained_ci_run):
-    cfg, summary, run = trained_ci_run.cfg, trained_ci_run.summary, trained_ci_run.workdir
+    cfg, summary, run = trained_ci_run["cfg"], trained_ci_run["summary"], trained_ci_run["workdir"]
     rows = [json.loads(line) for line in open(os.path.join(run, "train_log.jsonl"))]
     assert len(rows) == cfg.train.steps and all(r["finite"] for r in rows)
     mean = lambda key, part: statistics.mean(r[key] for r in part)  # noqa: E731
@@ -26,4 +33,26 @@ def test_synthetic_run_learns(trained_ci_run):
     assert mask_last < 0.9 * mask_first                   # and the masks
     assert after > 2 * before and after > before + 0.04
     assert os.path.isfile(os.path.join(run, "metrics.json"))
-    assert any(os.scandir(os.path.join(run, "overlays")))
+    assert os.listdir(os.path.join(run, "overlays"))
+
+
+@pytest.mark.slow
+def test_the_trained_workdir_answers_from_the_command_line(trained_ci_run, tmp_path):
+    """The demo's workdir is a model: the segment command takes it as it is (latest step,
+    the run's tokenizer), and a chosen step with WORKDIR@STEP."""
+    run = trained_ci_run["workdir"]
+    val = json.load(open(os.path.join(trained_ci_run["data_root"], "MMR_val.json")))
+    record = next(r for r in val if r["questions"])
+    image = os.path.join(trained_ci_run["data_root"], "images", record["file_name"])
+    for checkpoint, out in ((run, tmp_path / "latest"), (f"{run}@60", tmp_path / "step60")):
+        done = subprocess.run(
+            [sys.executable, "-m", "m2sa_jax.segment", "--checkpoint", checkpoint, "--image",
+             image, "--question", record["questions"][0], "--out", str(out)],
+            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads((out / "result.json").read_text())
+        print(f"\n{checkpoint}: Q: {record['questions'][0]}\nA: {result['answer']}")
+        assert result["checkpoint"].endswith(f"step {120 if out.name == 'latest' else 60}")
+        assert (out / "overlay.png").is_file()
+        if out.name == "latest":
+            assert len(result["masks"]) >= 1 and all(m["area"] > 0 for m in result["masks"])

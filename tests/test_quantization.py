@@ -277,7 +277,7 @@ def ci_giou(trained_ci_run):
     from m2sa_jax.evaluation import runner
     from m2sa_jax.models.m2sa import M2SA
 
-    cfg = trained_ci_run.cfg
+    cfg = trained_ci_run["cfg"]
     config, params, tokenizer, _ = runner.load_model(cfg)
     samples, _ = runner.load_samples(cfg)
     shapes = runner.eval_shapes(cfg, samples, 1)
@@ -291,7 +291,7 @@ def ci_giou(trained_ci_run):
             progress=False)
         return metrics.result()["val"]["all"]["giou"]
 
-    return giou, trained_ci_run.summary["trained"]["metrics"]["all"]["giou"]
+    return giou, trained_ci_run["summary"]["trained"]["metrics"]["all"]["giou"]
 
 
 @pytest.mark.parametrize("scheme,vision,max_drop", [("int8", False, 0.005), ("int4", False, 0.02),
