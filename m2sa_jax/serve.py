@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int, default=8,
                    help="questions per model call; 1 turns batching off (default %(default)s)")
+    g.add_argument("--row-buckets", default=None,
+                   help="batch sizes to compile, comma-separated (default: 1 and --max-batch); "
+                        "a batch runs at the smallest that holds it")
     g.add_argument("--batch-window-ms", type=float, default=20.0,
                    help="how long a request waits for others to join its batch")
     g.add_argument("--max-queue", type=int, default=64,
@@ -67,7 +70,15 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = ServeSettings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+    try:
+        row_buckets = (tuple(int(x) for x in args.row_buckets.split(","))
+                       if args.row_buckets else None)
+    except ValueError:
+        print(f"error: --row-buckets {args.row_buckets!r}: expected integers like 1,4,8",
+              file=sys.stderr)
+        return 2
+    settings = ServeSettings(max_batch=args.max_batch, row_buckets=row_buckets,
+                             batch_window_ms=args.batch_window_ms,
                              max_queue=args.max_queue, timeout_s=args.timeout,
                              max_prompt_tokens=args.max_prompt_tokens,
                              max_image_pixels=int(args.max_image_mp * 1e6),

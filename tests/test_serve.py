@@ -33,7 +33,7 @@ from skimage import data
 
 import m2sa_jax
 from checkpoints_convert.__main__ import main as convert_main
-from m2sa_jax.inference.engine import CompileCounter, SegmentEngine
+from m2sa_jax.inference.engine import CompileCounter
 from m2sa_jax.inference.server import ServeSettings, Service, create_app, find_examples
 from m2sa_jax.models import sam as sam_lib
 from m2sa_helpers import write_tiny_m2sa_folder
@@ -48,8 +48,8 @@ def _photo():
     return np.ascontiguousarray(data.coffee()[::2, ::2])           # 200×300 real photo
 
 
-def _drawing():
-    return np.ascontiguousarray(data.astronaut()[::4, ::3])         # 128×171
+def _cat():
+    return np.ascontiguousarray(data.chelsea()[50:250, 75:375])      # 200×300 cat
 
 
 def _png(rgb) -> bytes:
@@ -66,7 +66,7 @@ def files(tmp_path_factory):
     write_tiny_m2sa_folder(str(tmp / "hf"), "m2sa", sam_depth=4, global_attn=(1, 3), img_size=256)
     assert convert_main(["m2sa", "--src", str(tmp / "hf"), "--dst", str(tmp / "random")]) == 0
     write_answering_model(str(tmp / "random"), str(tmp / "model"),
-                          [(_photo(), QUESTION), (_drawing(), "Where is the cup?")], ANSWER)
+                          [(_photo(), QUESTION), (_cat(), "Where is the cup?")], ANSWER)
     Image.fromarray(_photo()).save(tmp / "coffee.jpg", quality=92)
     from m2sa_jax.data import synthetic
     synthetic.write_split(str(tmp / "synthetic"), "val", 3, seed=0)
@@ -121,8 +121,8 @@ def test_host_resize_equals_device_resize():
 
 def test_engine_equals_predictor_segment(client, service):
     engine, predictor = service.engine, service.predictor
-    photo, drawing = _photo(), _drawing()
-    items = [engine.prepare(photo, QUESTION), engine.prepare(drawing, "Where is the cup?")]
+    photo, cat = _photo(), _cat()
+    items = [engine.prepare(photo, QUESTION), engine.prepare(cat, "Where is the cup?")]
     results = engine.run(items)
     assert [r.answer.count("[SEG]") for r in results] == [2, 2]
     for it, r in zip(items, results):
@@ -139,23 +139,24 @@ def test_engine_equals_predictor_segment(client, service):
 
 def test_nothing_compiles_after_startup(client, service):
     engine = service.engine
-    assert engine.prompt_buckets == (128, 192)
+    assert engine.prompt_buckets == (128, 192) and engine.row_buckets == (1, 4)
     before = CompileCounter.count()
     sizes = [(1, 1), (33, 47), (200, 300), (480, 640), (1000, 37), (77, 999)]
     rng = np.random.default_rng(1)
     questions = ["?", QUESTION, "Where is the cup " + "and the saucer " * 8 + "?"]
-    prompt_lengths = set()
+    prompt_lengths, batch_sizes = set(), set()
     for k, (h, w) in enumerate(sizes):
         rgb = rng.integers(0, 255, (h, w, 3), np.uint8)
         batch = [engine.prepare(rgb if j % 2 else _photo(), questions[(k + j) % 3])
                  for j in range(1 + k % engine.rows)]
-        prompt_lengths |= {engine._bucket_for(len(it.prompt)) for it in batch}
+        prompt_lengths.add(max(engine.bucket_of(it) for it in batch))
+        batch_sizes.add(len(batch))
         results = engine.run(batch)
         assert [r.mask_logits.shape[1:] for r in results] == [it.image.shape[:2] for it in batch]
-    r = client.post("/api/segment_batch", files=[("image", ("a.png", _png(_drawing()), "image/png"))],
+    r = client.post("/api/segment_batch", files=[("image", ("a.png", _png(_cat()), "image/png"))],
                     data={"question": questions, "masks": "png"})
     assert r.status_code == 200
-    assert prompt_lengths == {128, 192}                          # both buckets were exercised
+    assert prompt_lengths == {128, 192} and batch_sizes == {1, 2, 3, 4}   # every bucket ran
     assert CompileCounter.count() == before, "a request compiled (see jax_log_compiles)"
 
 
@@ -192,7 +193,7 @@ def test_segment_png_and_none_masks(client):
 
 
 def test_segment_batch(client):
-    photo, drawing = _png(_photo()), _png(_drawing())
+    photo, cat = _png(_photo()), _png(_cat())
     one_image = client.post("/api/segment_batch", files=[("image", ("p.png", photo, "image/png"))],
                             data={"question": [QUESTION, "Where is the saucer?"]})
     assert one_image.status_code == 200
@@ -201,14 +202,14 @@ def test_segment_batch(client):
     assert res[0]["timings"]["batch_size"] == 2
     pairs = client.post("/api/segment_batch",
                         files=[("image", ("p.png", photo, "image/png")),
-                               ("image", ("d.png", drawing, "image/png"))],
+                               ("image", ("c.png", cat, "image/png"))],
                         data={"question": [QUESTION, "Where is the cup?"]})
     res = pairs.json()["results"]
-    assert [(x["height"], x["width"]) for x in res] == [(200, 300), (128, 171)]
+    assert [(x["height"], x["width"]) for x in res] == [(200, 300), (200, 300)]
     assert res[1]["labels"] == ["the handle", "the cup"]
     mismatch = client.post("/api/segment_batch",
                            files=[("image", ("p.png", photo, "image/png")),
-                                  ("image", ("d.png", drawing, "image/png"))],
+                                  ("image", ("c.png", cat, "image/png"))],
                            data={"question": ["a?", "b?", "c?"]})
     assert mismatch.status_code == 422 and "one per question" in mismatch.json()["error"]
     too_many = client.post("/api/segment_batch", files=[("image", ("p.png", photo, "image/png"))],
@@ -219,13 +220,17 @@ def test_segment_batch(client):
 def test_requests_arriving_together_share_a_batch(client, service):
     engine = service.engine
     first = service.batcher.submit([engine.prepare(_photo(), QUESTION)])
+    long_question = "Where is the cup " + "and the saucer " * 8 + "?"
     with engine.lock:                                       # the worker waits on this batch
         time.sleep(0.3)
-        later = service.batcher.submit([engine.prepare(_drawing(), "Where is the cup?"),
+        later = service.batcher.submit([engine.prepare(_cat(), "Where is the cup?"),
+                                        engine.prepare(_photo(), long_question),
                                         engine.prepare(_photo(), "Where is the saucer?"),
                                         engine.prepare(_photo(), QUESTION)])
+    assert [engine.bucket_of(e.item) for e in later] == [128, 192, 128, 128]
     done = service.batcher.wait(first + later, timeout_s=60)
-    assert [r.timings["batch_size"] for r, _ in done] == [1, 3, 3, 3]
+    # the three short questions share a batch; the long one (another bucket) runs on its own
+    assert [r.timings["batch_size"] for r, _ in done] == [1, 3, 1, 3, 3]
 
 
 def test_health_model_and_openapi(client):
@@ -436,7 +441,7 @@ def server(files, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "m2sa_jax.serve", "--checkpoint", files["model"],
-           "--port", str(port), "--examples", files["synthetic"], "--max-batch", "2",
+           "--port", str(port), "--examples", files["synthetic"], "--max-batch", "2", "--row-buckets", "2",
            "--max-new-tokens", "12", "--max-prompt-tokens", "128", "--log-level", "warning"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -473,7 +478,7 @@ def test_real_server_over_loopback(server, files):
         results.append(r)
 
     rng = np.random.default_rng(2)
-    images = [_photo(), _drawing(), rng.integers(0, 255, (50, 333, 3), np.uint8),
+    images = [_photo(), _cat(), rng.integers(0, 255, (50, 333, 3), np.uint8),
               rng.integers(0, 255, (401, 64, 3), np.uint8)]
     threads = [threading.Thread(target=ask, args=(im, QUESTION if k % 2 == 0 else "Where?"))
                for k, im in enumerate(images)]

@@ -1,18 +1,20 @@
 """The server's request queue: items arriving within a short window run as one engine batch.
 
 Every caller (each API request, each page submission) puts its items on one bounded queue and
-waits on futures. A single worker thread takes the first waiting item, keeps collecting for
-``window_s`` or until the engine's ``rows`` are full, and runs them as one batch, so concurrent
-requests share the image encoders and the decoding loop. A full queue refuses at once
+waits on futures. A single worker thread takes the oldest waiting item, keeps collecting items
+of the same prompt bucket for ``window_s`` or until the engine's ``rows`` are full, and runs them
+as one batch, so concurrent requests share the image encoders and the decoding loop (a batch
+costs what its longest prompt costs, so one long question does not slow a batch of short ones;
+the others wait, in order, for the next batch). A full queue refuses at once
 (:class:`QueueFull`, with a retry estimate); a caller that waits past its timeout gets
 :class:`RequestTimeout` and its items still in the queue are dropped unrun.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -55,8 +57,8 @@ class Batcher:
                  timeout_s: float = 120.0):
         self.engine, self.window_s, self.timeout_s = engine, window_s, timeout_s
         self.max_queue = max_queue
-        self._queue: queue.Queue[_Entry] = queue.Queue(maxsize=max_queue)
-        self._submit_lock = threading.Lock()
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batch_seconds = 1.0          # running mean of one batch's duration
@@ -65,20 +67,23 @@ class Batcher:
     # --- callers --------------------------------------------------------------------------
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def submit(self, items: Sequence[Item]) -> list[_Entry]:
         """Queues all of ``items`` or none of them."""
-        with self._submit_lock:
-            if self._queue.qsize() + len(items) > self.max_queue:
-                raise QueueFull(self.retry_after())
+        with self._cond:
+            if len(self._queue) + len(items) > self.max_queue:
+                for e in [e for e in self._queue if e.future.cancelled()]:
+                    self._queue.remove(e)                        # timed out while queued
+            if len(self._queue) + len(items) > self.max_queue:
+                raise QueueFull(self._retry_after())
             entries = [_Entry(it) for it in items]
-            for e in entries:
-                self._queue.put_nowait(e)
+            self._queue.extend(entries)
+            self._cond.notify()
         return entries
 
-    def retry_after(self) -> int:
-        waiting_batches = self._queue.qsize() / max(1, self.engine.rows) + 1
+    def _retry_after(self) -> int:
+        waiting_batches = len(self._queue) / max(1, self.engine.rows) + 1
         return max(1, math.ceil(waiting_batches * self.batch_seconds))
 
     def wait(self, entries: Sequence[_Entry], timeout_s: float | None = None
@@ -111,25 +116,40 @@ class Batcher:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
 
     def _collect(self) -> list[_Entry]:
-        try:
-            first = self._queue.get(timeout=0.2)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.window_s
-        while len(batch) < self.engine.rows:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0
-                             else self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return [e for e in batch if e.future.set_running_or_notify_cancel()]
+        """The oldest live entry and, within the window, more of its prompt bucket."""
+        with self._cond:
+            first = None
+            while first is None and not self._stop.is_set():
+                while self._queue and first is None:
+                    e = self._queue.popleft()
+                    if e.future.set_running_or_notify_cancel():     # skips timed-out entries
+                        first = e
+                if first is None:
+                    self._cond.wait(timeout=0.2)
+            if first is None:
+                return []
+            batch, bucket = [first], self.engine.bucket_of(first.item)
+            deadline = time.monotonic() + self.window_s
+            while len(batch) < self.engine.rows:
+                for e in [e for e in self._queue if e.future.cancelled()]:
+                    self._queue.remove(e)
+                same = [e for e in self._queue if self.engine.bucket_of(e.item) == bucket]
+                for e in same[:self.engine.rows - len(batch)]:
+                    self._queue.remove(e)
+                    if e.future.set_running_or_notify_cancel():
+                        batch.append(e)
+                remaining = deadline - time.monotonic()
+                if len(batch) >= self.engine.rows or remaining <= 0:
+                    break
+                self._cond.wait(timeout=remaining)
+            return batch
 
     def _loop(self) -> None:
         while not self._stop.is_set():

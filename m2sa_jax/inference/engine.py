@@ -7,8 +7,9 @@ same model functions with shapes from a fixed set, all compiled by :meth:`Segmen
 
 * images are encoded in groups of the predictor's ``image_batch`` (single images for the
   remainder) into ``rows`` fixed slots, each distinct image once per batch;
-* the language model always sees ``rows`` prompts (padding rows hold just an image), padded to
-  one of the predictor's 64-token buckets up to ``max_prompt_tokens`` (longer ones are refused);
+* the language model sees 1 or ``rows`` prompts (``row_buckets``; padding rows hold just an
+  image), each padded to one of the predictor's 64-token buckets up to ``max_prompt_tokens``
+  (longer ones are refused), so a lone request does not pay for a full batch;
 * [SEG]s are decoded ``target_chunk`` at a time to SAM's fixed-size low-res logits;
 * the resize to each image's own size runs on the host (``sam.postprocess_masks_host``, the
   same bilinear weights), so the image size never reaches a compiled shape.
@@ -110,16 +111,22 @@ class SegmentEngine:
       max_prompt_tokens: longest prompt (template + question) accepted; prompts are padded to
         64-token buckets up to this, one compilation each.
       target_chunk: [SEG]s per mask-decoder call.
+      row_buckets: batch sizes the language model is compiled for (default 1 and ``rows``); a
+        batch runs at the smallest that holds it.
     """
 
     def __init__(self, predictor, *, rows: int = 8, max_prompt_tokens: int = 256,
-                 target_chunk: int | None = None,
+                 target_chunk: int | None = None, row_buckets: Sequence[int] | None = None,
                  max_question_chars: int = DEFAULT_MAX_QUESTION_CHARS):
         self.predictor = p = predictor
         cfg = p.config
         if rows < 1:
             raise ValueError(f"rows must be at least 1, got {rows}")
         self.rows = rows
+        self.row_buckets = tuple(sorted(set(row_buckets or (1, rows))))
+        if self.row_buckets[-1] != rows or self.row_buckets[0] < 1:
+            raise ValueError(f"row_buckets {self.row_buckets} must lie in 1..{rows} and "
+                             f"include rows={rows}")
         self.group_sizes = (p.image_batch, 1) if 1 < p.image_batch <= rows else (1,)
         self.target_chunk = target_chunk or p.target_bucket
         self.max_question_chars = max_question_chars
@@ -225,6 +232,10 @@ class SegmentEngine:
                 start += g
         return slots
 
+    def bucket_of(self, item: Item) -> int:
+        """The prompt bucket ``item`` runs in (items of one bucket batch well together)."""
+        return self._bucket_for(len(item.prompt))
+
     def _bucket_for(self, n: int) -> int:
         for t in self.prompt_buckets:
             if n <= t:
@@ -250,14 +261,15 @@ class SegmentEngine:
         t1 = time.perf_counter()
 
         t = self._bucket_for(max(len(it.prompt) for it in items))
-        ids = np.full((self.rows, t), p.tokenizer.pad_token_id, np.int32)
-        am = np.zeros((self.rows, t), bool)
+        rows = next(r for r in self.row_buckets if r >= len(items))
+        ids = np.full((rows, t), p.tokenizer.pad_token_id, np.int32)
+        am = np.zeros((rows, t), bool)
         for i, it in enumerate(items):
             ids[i, :len(it.prompt)] = it.prompt
             am[i, :len(it.prompt)] = True
         ids[len(items):, 0] = IMAGE_TOKEN_INDEX            # padding rows: just an image
         am[len(items):, 0] = True
-        image_of = np.zeros((self.rows,), np.int32)
+        image_of = np.zeros((rows,), np.int32)
         image_of[:len(items)] = which
         gen = self._generate(ids, am, slots, image_of)
         t2 = time.perf_counter()
@@ -332,15 +344,15 @@ class SegmentEngine:
                                           np.int32(0))
             jax.block_until_ready(slots)
             seconds["encode"] = time.perf_counter() - t
-            image_of = np.zeros((self.rows,), np.int32)
-            for bucket in self.prompt_buckets:
-                t = time.perf_counter()
-                ids = np.full((self.rows, bucket), p.tokenizer.pad_token_id, np.int32)
-                ids[:, 0] = IMAGE_TOKEN_INDEX
-                am = np.zeros((self.rows, bucket), bool)
-                am[:, 0] = True
-                gen = self._generate(ids, am, slots, image_of)
-                seconds[f"generate_{bucket}"] = time.perf_counter() - t
+            for rows in self.row_buckets:
+                for bucket in self.prompt_buckets:
+                    t = time.perf_counter()
+                    ids = np.full((rows, bucket), p.tokenizer.pad_token_id, np.int32)
+                    ids[:, 0] = IMAGE_TOKEN_INDEX
+                    am = np.zeros((rows, bucket), bool)
+                    am[:, 0] = True
+                    gen = self._generate(ids, am, slots, np.zeros((rows,), np.int32))
+                    seconds[f"generate_{rows}x{bucket}"] = time.perf_counter() - t
             t = time.perf_counter()
             self._decode_masks([(0, 0)], gen["hidden"], [0], slots)
             seconds["masks"] = time.perf_counter() - t

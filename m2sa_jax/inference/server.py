@@ -42,6 +42,7 @@ class ServeSettings:
     """Limits and batching of one server (the ``python -m m2sa_jax.serve`` flags)."""
 
     max_batch: int = 8                 # questions per model call (1 = no batching)
+    row_buckets: tuple[int, ...] | None = None   # batch sizes compiled (default 1, max_batch)
     batch_window_ms: float = 20.0      # how long a request waits for others to join its batch
     max_queue: int = 64                # questions waiting at most; beyond: 503 + Retry-After
     timeout_s: float = 120.0           # per request, queueing included; beyond: 504
@@ -71,6 +72,7 @@ class Service:
         self.settings, self.name, self.toy_model = settings, name, toy_model
         self.predictor = predictor
         self.engine = SegmentEngine(predictor, rows=settings.max_batch,
+                                    row_buckets=settings.row_buckets,
                                     max_prompt_tokens=settings.max_prompt_tokens,
                                     max_question_chars=settings.max_question_chars)
         self.max_image_pixels = min(settings.max_image_pixels, predictor.max_image_pixels)
@@ -183,6 +185,7 @@ class Service:
             "batching": {"max_batch": e.rows, "window_ms": self.settings.batch_window_ms,
                          "max_queue": self.settings.max_queue,
                          "timeout_s": self.settings.timeout_s,
+                         "row_buckets": list(e.row_buckets),
                          "prompt_buckets": list(e.prompt_buckets),
                          "image_groups": list(e.group_sizes), "target_chunk": e.target_chunk},
         }
