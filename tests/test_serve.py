@@ -518,7 +518,10 @@ def test_page_in_headless_chromium(server, files, tmp_path):
         page.wait_for_selector("#submit", timeout=60_000)
         assert page.locator("text=Examples (images and questions from the val split)").count() == 1
         page.click("#submit")                                # no image yet: a message, no trace
-        page.get_by_text("Upload an image (or pick an example) first.").first.wait_for(timeout=30_000)
+        toast = page.get_by_test_id("toast-body")
+        toast.get_by_text("Upload an image (or pick an example) first.").wait_for(timeout=30_000)
+        assert "Traceback" not in toast.inner_text()
+        page.get_by_test_id("toast-close").click()
         page.set_input_files("#image-in input[type=file]", files["photo"])
         page.fill("#question textarea", QUESTION)
         page.wait_for_timeout(500)
@@ -532,6 +535,10 @@ def test_page_in_headless_chromium(server, files, tmp_path):
         assert page.locator(".m2sa-answer .seg").count() == 2
         page.locator("#timing").get_by_text("Answered in").wait_for()
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        shown = page.locator("#overlay img").get_attribute("src")
+        page.locator("#toggles").get_by_text("2: the cup").click()        # hide one mask
+        page.wait_for_function("(src) => document.querySelector('#overlay img').src !== src",
+                               arg=shown, timeout=30_000)
         zip_url = page.locator('#downloads a[download="masks.zip"]').get_attribute("href")
         rle_url = page.locator('#downloads a[download="masks_coco_rle.json"]').get_attribute("href")
         browser.close()
