@@ -78,8 +78,49 @@ SETTINGS = dict(max_batch=4, batch_window_ms=20, max_queue=6, timeout_s=60, max_
                 max_body_bytes=3 * 2**20, max_image_pixels=1_000_000, max_items_per_request=6)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def service(files):
+def server_process(files, tmp_path_factory):
+    """``python -m m2sa_jax.serve`` on a free loopback port, started as soon as the model exists
+    so that its compilation overlaps the in-process tests (XLA compiles on one core)."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "m2sa_jax.serve", "--checkpoint", files["model"],
+           "--port", str(port), "--examples", files["synthetic"], "--max-batch", "2",
+           "--row-buckets", "2", "--max-new-tokens", "12", "--max-prompt-tokens", "128",
+           "--log-level", "warning"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    yield dict(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    import httpx
+
+    proc, log, url = server_process["proc"], server_process["log"], server_process["url"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                return server_process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    pytest.fail("server not ready in 300 s:\n" + log.read_text())
+
+
+@pytest.fixture(scope="module")
+def service(files, server_process):
     predictor = m2sa_jax.load(files["model"], max_new_tokens=12)
     examples, _ = find_examples(files["model"], files["synthetic"])
     svc = Service(predictor, ServeSettings(**SETTINGS), name="tiny", examples=examples,
@@ -429,42 +470,6 @@ def test_examples_from_a_training_run_config(files, tmp_path):
 
 
 # --- a real server: loopback HTTP and headless Chromium ------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(files, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "m2sa_jax.serve", "--checkpoint", files["model"],
-           "--port", str(port), "--examples", files["synthetic"], "--max-batch", "2", "--row-buckets", "2",
-           "--max-new-tokens", "12", "--max-prompt-tokens", "128", "--log-level", "warning"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(url + "/api/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server not ready in 300 s:\n" + log.read_text())
-    yield dict(url=url, proc=proc, log=log)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
 
 def test_real_server_over_loopback(server, files):
     import httpx
