@@ -1,7 +1,15 @@
-"""Peak memory of ``python -m checkpoints_convert llava`` on a synthetic multi-GB checkpoint.
+"""Peak memory of converting (``python -m checkpoints_convert llava``) and of loading a model
+folder directly (``m2sa_jax.load``), on synthetic multi-GB checkpoints.
 
-    python bench/convert_memory.py [--hidden 2048] [--layers 10] [--format bin|safetensors]
+    python -m bench.convert_memory [--hidden 2048] [--layers 10] [--format bin|safetensors]
                                    [--dtype bfloat16] [--workdir /tmp]
+    python -m bench.convert_memory --load [--load-size 7b|tiny] [--workdir /tmp]
+
+``--load`` writes a LISA/M²SA folder of the 7B shape as the public code releases it (bf16
+safetensors shards, no CLIP weights, config.json naming a CLIP ViT-L/14 tower saved on its own),
+then loads it in a child process exactly as ``m2sa_jax.load(folder, dtype="bfloat16")`` does
+(the resolver: streaming conversion in memory, the language side in bf16, SAM kept float32), and
+reports the child's peak anonymous memory against the folder's bf16 weight bytes.
 
 Writes a random LLaMA (float32) as a sharded Hugging Face folder with an index, converts it in
 a child process and reports, for that child: peak RSS (``ru_maxrss``, what ``/usr/bin/time -v``
@@ -24,9 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 
 
 def write_checkpoint(folder: str, hidden: int, layers: int, fmt: str, shard_gb: float) -> int:
@@ -99,8 +104,8 @@ def _status_kb(pid: int) -> dict:
     return out
 
 
-def measure(cmd: list[str]) -> dict:
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=ROOT))
+def measure(cmd: list[str], stdout=None) -> dict:
+    proc = subprocess.Popen(cmd, stdout=stdout)
     peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
 
     def poll():
@@ -121,6 +126,129 @@ def measure(cmd: list[str]) -> dict:
                 anon_gb=peaks["RssAnon"] / 1e6, file_gb=peaks["RssFile"] / 1e6)
 
 
+LOAD_SIZES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, vocab_size=32003, sam="vit_h",
+               clip=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                         num_attention_heads=16, image_size=224, patch_size=14)),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, vocab_size=32003, sam="vit_b",
+                 clip=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=224, patch_size=14)),
+}
+
+
+def _export_stand_in(abstract, rules):
+    """(source key, bf16 torch tensor of zeros) for every leaf of an abstract tree, one at a
+    time: the table run backwards on zero-memory stand-ins."""
+    import ml_dtypes
+    import numpy as np
+    import torch
+
+    from m2sa_jax.checkpoints.table import export
+    from m2sa_jax.tree import flatten, unflatten
+
+    stand_ins = unflatten({p: np.lib.stride_tricks.as_strided(np.zeros(1, ml_dtypes.bfloat16),
+                                                              a.shape, (0,) * len(a.shape))
+                           for p, a in flatten(abstract).items()})
+    for key, arr in export(stand_ins, rules):
+        yield key, torch.zeros(arr.shape, dtype=torch.bfloat16)
+
+
+def _write_shards(tensors, folder: str, stem: str, shard_bytes: float) -> int:
+    from safetensors.torch import save_file
+
+    shards, current, size, total = [], {}, 0, 0
+    weight_map = {}
+
+    def flush():
+        name = f"{stem}-{len(shards) + 1:05d}.safetensors"
+        save_file(current, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in current})
+        shards.append(name)
+
+    for key, t in tensors:
+        current[key] = t
+        size += t.numel() * 2
+        total += t.numel() * 2
+        if size >= shard_bytes:
+            flush()
+            current, size = {}, 0
+    if current:
+        flush()
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    return total
+
+
+def write_released_folder(root: str, size: str) -> tuple[str, int]:
+    """A LISA/M²SA folder of the given shape in bf16 (no tower) + the tower folder beside it.
+    Returns (folder, weight bytes of folder and tower)."""
+    from m2sa_jax.checkpoints.llava import clip_rules
+    from m2sa_jax.checkpoints.m2sa import m2sa_rules
+    from tests.support import llama_vocab
+    from m2sa_jax.models import clip, llama, llava
+    from m2sa_jax.models.m2sa import M2SAConfig, abstract_params
+    from m2sa_jax.models.sam import sam_config
+
+    s = dict(LOAD_SIZES[size])
+    sam_type, clip_sizes = s.pop("sam"), s.pop("clip")
+    folder, tower = os.path.join(root, "M2SA"), os.path.join(root, "clip-vit")
+    os.makedirs(folder)
+    os.makedirs(tower)
+    text = llama.LlamaConfig(max_position_embeddings=2048, **s)
+    vision = clip.CLIPVisionConfig(**clip_sizes)
+    config = M2SAConfig(llava=llava.LlavaConfig(text=text, vision=vision),
+                        sam=sam_config(sam_type, use_compress_vit=True), seg_token_id=32000)
+    abstract = abstract_params(config)
+    tower_abstract = abstract["llava"].pop("vision_tower")
+    total = _write_shards((kv for kv in _export_stand_in(abstract, m2sa_rules(config))
+                           if "vision_tower" not in kv[0]), folder, "model", 2e9)
+    total += _write_shards(_export_stand_in(tower_abstract, clip_rules("vision_model.", "")),
+                           tower, "model", 2e9)
+    with open(os.path.join(tower, "config.json"), "w") as f:
+        json.dump(dict(vision.to_hf(), model_type="clip_vision_model",
+                       architectures=["CLIPVisionModel"]), f)
+    hf = dict(text.to_hf(), architectures=["LISAForCausalLM"], mm_vision_tower="../clip-vit",
+              mm_hidden_size=vision.hidden_size, mm_vision_select_layer=-2,
+              mm_use_im_start_end=True, out_dim=256, torch_dtype="bfloat16")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f)
+    # the real LLaMA SentencePiece vocabulary (32,000 pieces) with LISA's added tokens
+    llama_vocab.write_checkpoint_tokenizer(
+        folder, added_tokens={"[SEG]": 32000, "<im_start>": 32001, "<im_end>": 32002})
+    return folder, total
+
+
+_LOAD_CHILD = """
+import sys, jax
+from m2sa_jax.checkpoints.resolve import resolve
+from m2sa_jax.tree import flatten
+m = resolve(sys.argv[1], dtype="bfloat16")
+print(sum(x.nbytes for x in flatten(m.params).values()))
+"""
+
+
+def bench_load(args) -> None:
+    root = tempfile.mkdtemp(prefix="load_memory_", dir=args.workdir)
+    try:
+        t0 = time.perf_counter()
+        folder, stored = write_released_folder(root, args.load_size)
+        print(f"{args.load_size} LISA/M²SA folder as released (bf16, tower beside it): "
+              f"{stored / 1e9:.2f} GB of weights (written in {time.perf_counter() - t0:.0f}s)")
+        out = os.path.join(root, "loaded_bytes")
+        with open(out, "w") as f:
+            r = measure([sys.executable, "-c", _LOAD_CHILD, folder], stdout=f)
+        loaded = int(open(out).read().split()[-1])
+        print(f"m2sa_jax.load(folder, dtype='bfloat16') in {r['seconds']:.0f}s: loaded tree "
+              f"{loaded / 1e9:.2f} GB (language side bf16, SAM float32); peak anonymous "
+              f"{r['anon_gb']:.2f} GB = {r['anon_gb'] * 1e9 / stored:.2f}× the bf16 weight bytes "
+              f"({r['anon_gb'] * 1e9 / loaded:.2f}× the loaded tree); peak RSS "
+              f"{r['maxrss_gb']:.2f} GB (file-backed {r['file_gb']:.2f} GB)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=2048)
@@ -129,7 +257,13 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--shard-gb", type=float, default=0.5)
     ap.add_argument("--workdir", default=tempfile.gettempdir())
+    ap.add_argument("--load", action="store_true",
+                    help="measure direct loading of a released-layout M²SA folder instead")
+    ap.add_argument("--load-size", choices=sorted(LOAD_SIZES), default="7b")
     args = ap.parse_args()
+    if args.load:
+        bench_load(args)
+        return
 
     root = tempfile.mkdtemp(prefix="convert_memory_", dir=args.workdir)
     try:

@@ -1,7 +1,7 @@
 """Greedy decoding speed, JAX (jitted while_loop, static KV cache) vs transformers (PyTorch),
 same random weights, same machine, one run each after a warm-up.
 
-    python bench/decode.py [--hidden 512] [--layers 8] [--new 64] [--prompt 32]
+    python -m bench.decode [--hidden 512] [--layers 8] [--new 64] [--prompt 32]
 
 Prints tokens/s (generated tokens × batch / wall time, prefill included) for batch 1 and 4
 and the JAX / PyTorch ratio.
@@ -10,11 +10,7 @@ and the JAX / PyTorch ratio.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def main() -> None:
@@ -34,8 +30,8 @@ def main() -> None:
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM as HFLlama
 
-    from checkpoints_convert import llava as convert_llava
-    from checkpoints_convert.table import convert
+    from m2sa_jax.checkpoints import llava as convert_llava
+    from m2sa_jax.checkpoints.table import convert
     from m2sa_jax.evaluation.decode import Generator
     from m2sa_jax.models import llama
 

@@ -1,7 +1,7 @@
 """Teacher-forced evaluation throughput on the CPU: the JAX evaluation forward vs the PyTorch
-reference composition (tests/torch_m2sa_reference.py), same weights, same inputs, one run.
+reference composition (tests/support/torch_m2sa_reference.py), same weights, same inputs, one run.
 
-    python bench/eval_throughput.py [--images 8] [--questions 2] [--batch 4] [--threads N]
+    python -m bench.eval_throughput [--images 8] [--questions 2] [--batch 4] [--threads N]
 
 A mid-sized random M²SA (LLaMA hidden 512 × 4 layers, CLIP hidden 256 × 4 layers at 224, SAM
 ViT width 256 × depth 12 at 1024 with global attention at 2/5/8/11 and the compress_vit fusion)
@@ -22,10 +22,6 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
 SP_VOCAB = 400
 
 
@@ -33,8 +29,9 @@ def write_folder(folder: str, seed: int = 0):
     """A released-layout M²SA folder of the mid-sized model; returns (reference, [SEG] id)."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from m2sa_helpers import make_tokenizer_files, randomize, write_sharded_safetensors
-    from torch_m2sa_reference import TorchM2SA, build_sam
+    from tests.support.m2sa_helpers import (make_tokenizer_files, randomize,
+                                            write_sharded_safetensors)
+    from tests.support.torch_m2sa_reference import TorchM2SA, build_sam
 
     os.makedirs(folder, exist_ok=True)
     seg_id = make_tokenizer_files(folder, SP_VOCAB)

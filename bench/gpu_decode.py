@@ -1,6 +1,6 @@
 """LLaMA-7B-shaped greedy decoding on one H100/H200: JAX vs transformers (PyTorch CUDA), bf16.
 
-    python bench/gpu_decode.py [--prompt 128] [--new 256] [--batches 1 8]
+    python -m bench.gpu_decode [--prompt 128] [--new 256] [--batches 1 8]
 
 Random weights are created directly on the device (no conversion, no host copy). Each
 framework runs in its own subprocess, one after the other, so only one 7B copy (13.5 GB) is on
@@ -18,8 +18,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # children: -m bench.gpu_decode
 
 SEVEN_B = dict(vocab_size=32003, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-6,
@@ -126,12 +125,11 @@ def main() -> None:
 
     results = []
     for part in args.frameworks:
-        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.8",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--prompt",
+        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.8")
+        cmd = [sys.executable, "-m", "bench.gpu_decode", "--part", part, "--prompt",
                str(args.prompt), "--new", str(args.new), "--batches",
                *map(str, args.batches)] + (["--scan"] if args.scan else [])
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"{part} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -1,7 +1,8 @@
 """Teacher-forced evaluation throughput of an M²SA-7B-shaped model on one H100/H200, bfloat16:
-the JAX evaluation forward vs the PyTorch reference composition (tests/torch_m2sa_reference.py).
+the JAX evaluation forward vs the PyTorch reference composition
+(tests/support/torch_m2sa_reference.py).
 
-    python bench/gpu_eval.py [--images 4] [--questions 2] [--tokens 128] [--iters 5]
+    python -m bench.gpu_eval [--images 4] [--questions 2] [--tokens 128] [--iters 5]
 
 LLaMA-7B (vocab 32,003) + CLIP ViT-L/14 @224 + SAM ViT-H @1024 with the compress_vit fusion,
 random weights created directly on the device in bfloat16 (no conversion). One batch is
@@ -20,9 +21,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # children: -m bench.gpu_eval
 
 VOCAB, SEG_ID = 32003, 32002
 LLAMA_7B = dict(vocab_size=VOCAB, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -119,7 +118,7 @@ def run_torch(args) -> dict:
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from torch_m2sa_reference import TorchM2SA, build_sam
+    from tests.support.torch_m2sa_reference import TorchM2SA, build_sam
 
     torch.backends.cuda.matmul.allow_tf32 = True
     t0 = time.perf_counter()
@@ -186,13 +185,12 @@ def main() -> None:
 
     rows = {}
     for part in args.frameworks:
-        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-                   PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--images",
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        cmd = [sys.executable, "-m", "bench.gpu_eval", "--part", part, "--images",
                str(args.images), "--questions", str(args.questions), "--tokens",
                str(args.tokens), "--iters", str(args.iters)]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"{part} failed (exit {proc.returncode}) after {time.perf_counter() - t0:.0f}s:\n"

@@ -2,7 +2,7 @@
 (one image, three questions, five [SEG]s) and one LoRA train step of the paper's recipe
 (batch 2 per device, three questions per image).
 
-    python bench/gpu_m2sa.py [--what forward train] [--iters 10]
+    python -m bench.gpu_m2sa [--what forward train] [--iters 10]
 
 Weights are created directly on the device (no conversion, no host copy): LLaMA-7B (vocab
 32,003) + CLIP ViT-L/14 + SAM ViT-H with compress_vit. The train step keeps trainable leaves
@@ -20,8 +20,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # children: -m bench.gpu_m2sa
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}
 SEVEN_B = dict(vocab_size=32003, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -204,9 +203,9 @@ def main(argv=None):
 
     results = []
     for what in args.what:      # one process each: the GPU is empty for every measurement
-        cmd = [sys.executable, __file__, "--child", what, "--iters", str(args.iters),
+        cmd = [sys.executable, "-m", "bench.gpu_m2sa", "--child", what, "--iters", str(args.iters),
                "--tokens", str(args.tokens), "--remat", args.remat] + (["--tiny"] if args.tiny else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if out.returncode or not lines:
             print(f"{what}: failed (rc {out.returncode})\n{out.stderr[-3000:]}")

@@ -1,6 +1,6 @@
 """SAM ViT-H image encoder on one GPU: JAX vs PyTorch, float32 and bfloat16, same weights.
 
-    python bench/gpu_sam.py [--iters 10] [--budget-s 170]
+    python -m bench.gpu_sam [--iters 10] [--budget-s 170]
 
 Runs PyTorch float32 (TF32 off), PyTorch bfloat16, JAX float32 (highest matmul precision)
 and JAX bfloat16 compute on one random 1024×1024 image with identical random weights,
@@ -21,9 +21,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np  # noqa: E402
 
 
@@ -38,7 +35,7 @@ def main(argv=None) -> int:
     import jax
     import torch
 
-    from sam_encoder import jax_params_from, time_jax, time_torch, torch_reference
+    from bench.sam_encoder import jax_params_from, time_jax, time_torch, torch_reference
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -4,9 +4,9 @@ masks → static-shape batch. Reports samples/s (one sample = one image with its
 Two datasets: the synthetic MMR set (160 px PNGs) and COCO-sized JPEGs (640×480 made from
 scikit-image's sample photos, random ellipse masks as RLE in an MMR-format JSON).
 
-    python bench/input_pipeline.py [--images 50] [--workers 0 2] [--sam-size 1024]
+    python -m bench.input_pipeline [--images 50] [--workers 0 2] [--sam-size 1024]
 
-The tokenizer is the real LLaMA vocabulary rebuilt by tests/llama_vocab.py (run
+The tokenizer is the real LLaMA vocabulary rebuilt by tests/support/llama_vocab.py (run
 scripts/setup.sh first).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -23,12 +22,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-
-import llama_vocab  # noqa: E402
-from m2sa_jax.data import mmr, pipeline, synthetic  # noqa: E402
-from m2sa_jax.data.skips import SkipCounter  # noqa: E402
-from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer  # noqa: E402
+from m2sa_jax.data import mmr, pipeline, synthetic
+from m2sa_jax.data.skips import SkipCounter
+from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from tests.support import llama_vocab
 
 
 def make_coco_like(out: str, n: int, seed: int = 0) -> tuple[str, str]:

@@ -1,8 +1,8 @@
 """Memory plan of the paper configs: per-device memory of the compiled train step on simulated
 meshes, from XLA's memory analysis, without any weights (m2sa_jax/training/memory_plan.py).
 
-    python bench/memory_plan.py                       # the table of docs/training.md
-    python bench/memory_plan.py --configs m2sa_7b --devices 4 --meshes fsdp,data \\
+    python -m bench.memory_plan                       # the table of docs/training.md
+    python -m bench.memory_plan --configs m2sa_7b --devices 4 --meshes fsdp,data \\
         --remat nothing_saveable,none --json out.json
 
 Each row compiles one train step (batch 2 images per device, up to 3 questions each, the
@@ -19,6 +19,8 @@ import os
 import subprocess
 import sys
 
+from m2sa_jax import config_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {"fsdp": dict(data=1, fsdp=-1, tensor=1), "data": dict(data=-1, fsdp=1, tensor=1),
           "fsdp_tensor2": dict(data=1, fsdp=-1, tensor=2)}
@@ -26,19 +28,15 @@ HARDWARE = {"A6000 48GB": 48e9, "H100 80GB": 80e9}
 
 
 def load_config(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_file.load(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def run_rows(args) -> list[dict]:
     """In this process (fake devices already set): one row per (config, mesh, remat, tokens)."""
     import jax
 
-    from m2sa_jax.training import memory_plan, sharding
+    from m2sa_jax import sharding
+    from m2sa_jax.training import memory_plan
 
     rows = []
     for name in args.configs.split(","):
@@ -102,7 +100,7 @@ def main(argv=None):
     for n in args.devices.split(","):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
                    JAX_PLATFORMS="cpu")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--configs", args.configs,
+        cmd = [sys.executable, "-m", "bench.memory_plan", "--worker", "--configs", args.configs,
                "--meshes", args.meshes, "--remat", args.remat, "--tokens", args.tokens,
                "--grad_accum", str(args.grad_accum)]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)

@@ -1,6 +1,6 @@
 """SAM image encoder speed: the same random weights in JAX and PyTorch, ms per image.
 
-    python bench/sam_encoder.py --model-type vit_b --dtype float32 --iters 3 --device cpu
+    python -m bench.sam_encoder --model-type vit_b --dtype float32 --iters 3 --device cpu
 
 One 1024×1024 image (batch 1); each framework is warmed up once (JAX: compile) and then
 timed over ``--iters`` runs. Prints ms/image for both, their ratio, and the max abs
@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def torch_reference(model_type: str, device: str, seed: int = 0):
@@ -42,8 +39,8 @@ def torch_reference(model_type: str, device: str, seed: int = 0):
 
 
 def jax_params_from(sam, model_type: str):
-    from checkpoints_convert.io import to_numpy
-    from checkpoints_convert.sam import convert_sam
+    from m2sa_jax.checkpoints.torch_io import to_numpy
+    from m2sa_jax.checkpoints.sam import convert_sam
     from m2sa_jax.models.sam import sam_config
 
     cfg = sam_config(model_type)
@@ -80,9 +77,10 @@ def time_jax(params, cfg, x, dtype: str, iters: int, device: str | None = None):
     import jax
     import jax.numpy as jnp
 
-    from m2sa_jax.models.sam import Sam, select_compute_dtype
+    from m2sa_jax.dtypes import compute_dtype
+    from m2sa_jax.models.sam import Sam
 
-    model = Sam(cfg, select_compute_dtype(dtype))
+    model = Sam(cfg, compute_dtype(dtype))
     dev = jax.devices(device)[0] if device else jax.devices()[0]
     params = jax.device_put(params, dev)
     xj = jax.device_put(jnp.asarray(x), dev)

@@ -1,7 +1,7 @@
 """Load on the web server: N concurrent clients on loopback, batching on and off, same model.
 
-    python bench/serve_load.py --checkpoint outputs/synthetic [--clients 8] [--requests 64]
-    python bench/serve_load.py --url http://127.0.0.1:7860 [--clients 8]   # a running server
+    python -m bench.serve_load --checkpoint outputs/synthetic [--clients 8] [--requests 64]
+    python -m bench.serve_load --url http://127.0.0.1:7860 [--clients 8]   # a running server
 
 With --checkpoint it starts ``python -m m2sa_jax.serve`` twice on free loopback ports, once
 with ``--max-batch 8`` (batching on) and once with ``--max-batch 1`` (off), waits for
@@ -25,7 +25,6 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def _free_port() -> int:

@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from m2sa_jax.checkpoints.torch_io import UnsafeCheckpointError
+
 CONVERTERS = ("sam", "llava", "m2sa")
 
 
@@ -25,7 +27,13 @@ def main(argv=None) -> int:
             raise
         module.add_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except (FileNotFoundError, FileExistsError, ValueError, UnsafeCheckpointError) as e:
+        # ConversionError and CorruptCheckpointError are ValueErrors: every message names the
+        # file and the fix; a traceback would only bury it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,22 +17,15 @@ Differences from configs/m2sa_7b.py (see its docstring for every shared value an
   data.ratios to change the mix.
 """
 
-import importlib.util
-import os
+from m2sa_jax.config_file import sibling
 
-
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "m2sa_7b.py")
-    spec = importlib.util.spec_from_file_location("m2sa_7b_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+m2sa_7b = sibling(__file__, "m2sa_7b")
 
 
 def get_config(arg: str | None = None):
     if arg:
         raise ValueError(f"unknown variant {arg!r} (lisa_7b has none)")
-    c = _base().get_config()
+    c = m2sa_7b.get_config()
     c.workdir = "runs/lisa_7b"
     c.model.variant = "lisa"
     c.train.steps = 5_000

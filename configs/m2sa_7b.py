@@ -10,7 +10,7 @@ converted SAM ViT-H (``model.sam_checkpoint``); text_hidden_fcs and compress_vit
 and the vocabulary grows by [SEG], <im_start>, <im_end>. To continue from a released LISA/M²SA
 model instead, set ``model.checkpoint`` (``python -m checkpoints_convert m2sa``) and leave the
 other two empty. The architecture comes from the checkpoints; the sizes below describe the same
-model so that the memory plan (bench/memory_plan.py) can compile this config without weights.
+model so that the memory plan (python -m bench.memory_plan) can compile this config without weights.
 
 Where each value comes from — [paper] MMR paper §5.1, [code] the authors' public training
 script (LISA's train_ds.py defaults), [plan] chosen from docs/training.md's memory plan:
@@ -32,22 +32,17 @@ script (LISA's train_ds.py defaults), [plan] chosen from docs/training.md's memo
 * mesh fsdp over all devices, remat of LLM layers, scanned layers                  [plan]
 """
 
-import ml_collections
-
+from m2sa_jax.config_file import sibling
 from m2sa_jax.training import optim
+
+base = sibling(__file__, "base")
 
 
 def get_config(arg: str | None = None):
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = base.get_config()
     c.workdir = "runs/m2sa_7b"
 
-    c.model = ml_collections.ConfigDict()
-    c.model.variant = "m2sa"
-    c.model.init = "checkpoint"
-    c.model.checkpoint = ""                  # a converted LISA/M²SA folder to continue from
-    c.model.llava_checkpoint = ""            # converted LLaVA-Lightning-7B-v1 (fresh run)
-    c.model.sam_checkpoint = ""              # converted sam_vit_h_4b8939.pth (fresh run)
+    c.model.init = "checkpoint"              # model.llava_checkpoint + model.sam_checkpoint
     # Vicuna-7B (LLaVA-Lightning-7B-v1's config.json); how to run it: scan + remat [plan].
     c.model.llm = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, head_dim=128,
@@ -59,34 +54,23 @@ def get_config(arg: str | None = None):
     c.model.sam = dict(model_type="vit_h")   # SPEC §1: embed 1280, depth 32, 1024×1024 input
     c.model.compute_dtype = "bfloat16"
 
-    c.data = ml_collections.ConfigDict()
     c.data.kind = "mixture"
     c.data.root = ""                          # one dataset root, laid out as docs/datasets.md
-    c.data.mmr_root = ""                      # MMR_{split}.json folder (default root/MMR)
-    c.data.image_root = ""                    # COCO images for MMR (default root/refer_seg/images/mscoco/images)
     c.data.ratios = dict(sem_seg=2.0, refer_seg=9.0, vqa=2.0, mmr=6.0)
     c.data.sem_seg = ("ade20k", "cocostuff", "pascal_part", "paco_lvis", "mapillary")
     c.data.refer_seg = ("refclef", "refcoco", "refcoco+", "refcocog")
     c.data.vqa_data = "llava_instruct_150k"
-    c.data.max_questions = 3
     c.data.images_per_batch = 8               # 2 per device × 4 GPUs (paper); scale with devices
-    c.data.max_targets = 3                    # [SEG]s per question (num_classes_per_question)
     c.data.token_buckets = (256, 512, 1024)
-    c.data.mask_hw = (1024, 1024)             # masks padded to this; larger images are skipped
+    c.data.mask_hw = (1024, 1024)
     c.data.model_max_length = 2048
-    c.data.released_pairing = False           # True reproduces the released loader's pairing bug
     c.data.read_threads = 8
 
-    c.train = ml_collections.ConfigDict()
     c.train.steps = 50_000
     c.train.lr = 3e-4
-    c.train.warmup_steps = 100
     c.train.grad_accum = 10
-    c.train.b1, c.train.b2 = 0.9, 0.95
-    c.train.weight_decay = 0.0
-    c.train.clip_norm = 1.0
     c.train.ce_weight, c.train.bce_weight, c.train.dice_weight = 1.0, 0.5, 2.0
-    c.train.lora = dict(rank=8, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj"))
+    c.train.lora.rank = 8
     c.train.trainable = optim.M2SA_TRAINABLE
     c.train.log_every = 10
     c.train.checkpoint_every = 1000
@@ -94,32 +78,11 @@ def get_config(arg: str | None = None):
     c.train.max_nonfinite = 10
     c.train.max_minutes = 0.0                 # no wall-time cap
 
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.mesh.data, c.mesh.fsdp = 1, -1          # fsdp over every device [plan]
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.split = "val"
-    c.eval.protocol = "teacher_forced"
     c.eval.images_per_batch = 8
     c.eval.overlays = 8
-    c.eval.checkpoint = ""
     c.eval.before_training = False
-    # eval.py (m2sa_jax/evaluation/runner.py): benchmark and where it lives; "" = data.* roots
-    c.eval.dataset = "mmr"
-    c.eval.mmr_root = ""
-    c.eval.image_root = ""
-    c.eval.reasonseg_root = ""
-    c.eval.refer_root = ""
-    c.eval.refer_image_dir = ""
-    c.eval.refcocom_json = ""
-    c.eval.refcocom_masks = ""
-    c.eval.refcocom_images = ""
-    c.eval.multi_target_protocol = "paper"
-    c.eval.seed = 0
-    c.eval.conversations_per_batch = 0
-    c.eval.max_targets = 0
-    c.eval.token_buckets = ()
-    c.eval.max_new_tokens = 64
-    c.eval.save_every = 10
     c.eval.read_threads = 8
 
     if arg == "public":                       # the public script's defaults where they differ

@@ -13,20 +13,13 @@ except the language model:
 * mesh / remat: the memory plan (docs/training.md) needs fsdp over every device [plan]
 """
 
-import importlib.util
-import os
+from m2sa_jax.config_file import sibling
 
-
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "m2sa_7b.py")
-    spec = importlib.util.spec_from_file_location("m2sa_7b_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+m2sa_7b = sibling(__file__, "m2sa_7b")
 
 
 def get_config(arg: str | None = None):
-    c = _base().get_config(arg)
+    c = m2sa_7b.get_config(arg)
     c.workdir = "runs/m2sa_llama2_13b"
     c.model.llm = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                        num_attention_heads=40, num_key_value_heads=40, head_dim=128,

@@ -9,20 +9,16 @@ everything trains (the paper's recipe freezes pretrained encoders; see m2sa_7b.p
     python train.py --config configs/synthetic.py:ci   # the shorter version CI runs
 """
 
-import ml_collections
+from m2sa_jax.config_file import sibling
+
+base = sibling(__file__, "base")
 
 
 def get_config(arg: str | None = None):
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = base.get_config()
     c.workdir = "outputs/synthetic"
 
-    c.model = ml_collections.ConfigDict()
-    c.model.variant = "m2sa"
     c.model.init = "random"              # nothing pretrained exists for this toy model
-    c.model.checkpoint = ""              # a converted LISA/M²SA dir to continue from
-    c.model.llava_checkpoint = ""
-    c.model.sam_checkpoint = ""
     c.model.llm = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                        rms_norm_eps=1e-6, rope_theta=10000.0, initializer_range=0.02,
@@ -36,30 +32,21 @@ def get_config(arg: str | None = None):
                        decoder_num_heads=4, iou_head_hidden_dim=128)
     c.model.compute_dtype = "float32"
 
-    c.data = ml_collections.ConfigDict()
     c.data.kind = "synthetic"
     c.data.root = "outputs/synthetic_data"   # generated on first use
     c.data.train_images = 600
     c.data.val_images = 60
     c.data.generator_seed = 0
     c.data.vocab_size = 600
-    c.data.max_questions = 3
     c.data.images_per_batch = 2             # more updates per minute beat bigger batches here
-    c.data.max_targets = 3                    # [SEG]s per question
     c.data.token_buckets = (128,)
     c.data.mask_hw = (160, 160)
     c.data.model_max_length = 512
-    c.data.released_pairing = False
     c.data.read_threads = 2
 
-    c.train = ml_collections.ConfigDict()
     c.train.steps = 3300                      # ≈11 min at ~5 steps/s on 2 idle cores
     c.train.lr = 1e-3
-    c.train.warmup_steps = 100
     c.train.grad_accum = 1
-    c.train.b1, c.train.b2 = 0.9, 0.95
-    c.train.weight_decay = 0.0
-    c.train.clip_norm = 1.0
     # Dice-heavy mask loss (the paper's bce 0.5 / dice 2) and a small text weight. In a model this
     # small, trained from scratch, the text loss at full weight drives the hidden states that
     # feed the [SEG] projector (the positions that predict [SEG]) to one shared direction: every
@@ -67,7 +54,7 @@ def get_config(arg: str | None = None):
     # after 1,000 steps, [SEG] embeddings at cosine similarity 1.000). At 0.005 the answers are
     # still learned (text CE ≈ 0.01) and the masks follow the question.
     c.train.ce_weight, c.train.bce_weight, c.train.dice_weight = 0.005, 0.5, 2.0
-    c.train.lora = dict(rank=0, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj"))
+    c.train.lora.rank = 0                     # no LoRA: nothing is pretrained
     c.train.trainable = ("params/.*",)        # from scratch: everything trains
     c.train.log_every = 25
     c.train.checkpoint_every = 250
@@ -75,33 +62,12 @@ def get_config(arg: str | None = None):
     c.train.max_nonfinite = 5
     c.train.max_minutes = 13.0                # stop early (and say so) past this wall time
 
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.mesh.data, c.mesh.fsdp = -1, 1          # data parallel over every device
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.split = "val"
-    c.eval.protocol = "teacher_forced"
     c.eval.images_per_batch = 4
     c.eval.overlays = 6
-    c.eval.checkpoint = ""
     c.eval.before_training = True           # also score the untrained model (the baseline)
-    # eval.py: benchmark, where it lives, and how to batch it (m2sa_jax/evaluation/runner.py).
-    c.eval.dataset = "mmr"                  # mmr reasonseg refcoco(+,g) multi_refcoco(+,g) refcocom
-    c.eval.mmr_root = ""                    # MMR_*.json folder (default: the synthetic data root)
-    c.eval.image_root = ""                  # COCO images the MMR file_names resolve under
-    c.eval.reasonseg_root = ""              # .../reason_seg/ReasonSeg (split folders inside)
-    c.eval.refer_root = ""                  # LISA's refer_seg folder (refcoco*, RefCOCO refs)
-    c.eval.refer_image_dir = ""             # default: <refer_root>/images/mscoco/images/train2014
-    c.eval.refcocom_json = ""               # RefCOCOm (CRIS layout): annotation JSON,
-    c.eval.refcocom_masks = ""              # its masks/ folder
-    c.eval.refcocom_images = ""             # and the COCO images
-    c.eval.multi_target_protocol = "paper"  # multi_refcoco*: "paper" (Table 4) or "released"
-    c.eval.seed = 0                         # multi-target category draw
-    c.eval.conversations_per_batch = 0      # 0: images_per_batch × most questions of a record
-    c.eval.max_targets = 0                  # 0: the most targets of any question
-    c.eval.token_buckets = ()               # () : data.token_buckets
-    c.eval.max_new_tokens = 64              # generate protocol
-    c.eval.save_every = 10                  # batches between saves of the resumable results
-    c.eval.read_threads = 2
+    c.eval.read_threads = 2                 # eval.mmr_root "": the synthetic data root
 
     if arg == "ci":                          # a shorter run that must still show learning
         c.workdir = "outputs/synthetic_ci"

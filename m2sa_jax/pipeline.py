@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from m2sa_jax.checkpoints.resolve import resolve
 from m2sa_jax.data import conversation, preprocess
 from m2sa_jax.data.images import _to_rgb_uint8, load_rgb
 from m2sa_jax.data.tokenizer import IMAGE_TOKEN_INDEX, LegacyLlamaTokenizer
@@ -113,6 +114,7 @@ class M2SAPredictor:
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
+        self.source = "parameters given in memory"     # load() says where the model came from
         self.seg_id = config.seg_token_id
         if tokenizer.seg_token_id != self.seg_id:
             raise ValueError(f"tokenizer [SEG] id {tokenizer.seg_token_id} differs from the "
@@ -263,22 +265,17 @@ class M2SAPredictor:
         return self._teacher(self.params, batch, n, (mh, mw))
 
 
-def load(path: str, **kwargs) -> M2SAPredictor:
-    """A predictor from a directory written by ``python -m checkpoints_convert m2sa``."""
-    from checkpoints_convert.m2sa import meta_to_config
-    from m2sa_jax.models.m2sa import abstract_params
-    from m2sa_jax.params_io import load_meta, load_params
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such directory. Convert a LISA/M²SA checkpoint "
-                                f"first: python -m checkpoints_convert m2sa --src HF_FOLDER "
-                                f"--dst {path}")
-    meta = load_meta(path)
-    if meta.get("model") != "m2sa":
-        raise ValueError(f"{path}: holds a {meta.get('model')!r} model, not LISA/M²SA; convert "
-                         f"a LISA/M²SA folder with `python -m checkpoints_convert m2sa`")
-    config = meta_to_config(meta)
-    params = load_params(path, expected=abstract_params(config))
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    tokenizer = LegacyLlamaTokenizer.from_pretrained(path, add_model_tokens=False)
-    return M2SAPredictor(config, params, tokenizer, **kwargs)
+def load(source: str, *, vision_tower: str | None = None, dtype: str = "float32",
+         sam_dtype: str = "float32", save_converted: str | None = None, overwrite: bool = False,
+         **kwargs) -> M2SAPredictor:
+    """A predictor for any model source: a converted directory, a LISA/M²SA PyTorch folder
+    (converted in memory; its CLIP tower from the folder, ``vision_tower`` or config.json's
+    ``mm_vision_tower``), a training workdir (``DIR`` or ``DIR@STEP``) or a Hugging Face id in
+    the local cache (:mod:`m2sa_jax.checkpoints.resolve`). ``dtype``: the language side's
+    (e.g. ``"bfloat16"`` halves a 7B's memory); ``sam_dtype``: SAM's. Other keyword arguments
+    go to :class:`M2SAPredictor`."""
+    model = resolve(source, vision_tower=vision_tower, dtype=dtype, sam_dtype=sam_dtype,
+                    save_converted=save_converted, overwrite=overwrite)
+    predictor = M2SAPredictor(model.config, model.params, model.tokenizer, **kwargs)
+    predictor.source = model.description
+    return predictor

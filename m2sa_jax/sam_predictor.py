@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2sa_jax.data.preprocess import resize_longest_side_shape, sam_preprocess
-from m2sa_jax.models.sam import (Sam, SamConfig, abstract_params, postprocess_masks, sam_config,
-                                 select_compute_dtype)
+from m2sa_jax.dtypes import compute_dtype
+from m2sa_jax.models.sam import Sam, SamConfig, abstract_params, postprocess_masks, sam_config
+from m2sa_jax.checkpoints.converted import load_meta, load_params
 
 
 class SamPredictor:
@@ -26,7 +27,7 @@ class SamPredictor:
 
     def __init__(self, params, config: SamConfig, dtype: Optional[str] = None):
         self.config = config
-        self.model = Sam(config, select_compute_dtype(dtype))
+        self.model = Sam(config, compute_dtype(dtype))
         self.params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
         self._encode = jax.jit(
             lambda p, x: self.model.apply({"params": p}, x, method=Sam.encode_image))
@@ -37,8 +38,6 @@ class SamPredictor:
     @classmethod
     def from_pretrained(cls, directory: str, dtype: Optional[str] = None) -> "SamPredictor":
         """Loads a directory written by ``python -m checkpoints_convert sam``."""
-        from m2sa_jax.params_io import load_meta, load_params
-
         meta = load_meta(directory)
         if meta.get("model") != "sam":
             raise ValueError(f"{directory}: holds a {meta.get('model')!r} model, not SAM; convert "

@@ -17,8 +17,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# Test vocabulary (tests/llama_vocab.py): the real LLaMA SentencePiece vocabulary and its reference
-# tokenisations, taken from the llama-cpp-python 0.2.90 source distribution on PyPI into .cache/vocab/.
+# Test vocabulary (tests/support/llama_vocab.py): the real LLaMA SentencePiece vocabulary and its
+# reference tokenisations, taken from the llama-cpp-python 0.2.90 source distribution on PyPI into .cache/vocab/.
 vocab=.cache/vocab/ggml-vocab-llama-spm.gguf
 if [ ! -f "$vocab" ] || [ ! -f "$vocab.inp" ] || [ ! -f "$vocab.out" ]; then
   mkdir -p .cache/sdist .cache/vocab

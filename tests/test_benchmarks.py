@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from m2sa_jax.data.types import BadRecord
-from m2sa_jax.evaluation import benchmarks
+from m2sa_jax.data import benchmarks
 from m2sa_jax.evaluation.metrics import SegmentationMetrics, mask_stats
 
 

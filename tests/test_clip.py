@@ -4,15 +4,18 @@ against transformers' PIL image processor on a real photograph."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from transformers import CLIPVisionConfig as HFCLIPVisionConfig
 from transformers import CLIPVisionModel as HFCLIPVisionModel
 
-from checkpoints_convert.table import convert
-from checkpoints_convert.llava import clip_rules
+from m2sa_jax.checkpoints.table import convert
+from m2sa_jax.checkpoints.llava import clip_rules
 from m2sa_jax.data.preprocess import clip_preprocess
 from m2sa_jax.models import clip
 from m2sa_jax.tree import count_params
+
+pytestmark = pytest.mark.torch
 
 
 def _tiny():

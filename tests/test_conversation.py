@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-import llama_vocab
 from m2sa_jax.data import conversation as conv
 from m2sa_jax.data.tokenizer import IMAGE_TOKEN_INDEX, LegacyLlamaTokenizer
 from m2sa_jax.data.types import IGNORE_INDEX, BadRecord, Sample
+from tests.support import llama_vocab
 
 SEG, IM_START, IM_END = 32000, 32001, 32002
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-import llama_vocab
 from m2sa_jax.data import mmr, pipeline, preprocess, synthetic
 from m2sa_jax.data.images import load_rgb
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.tokenizer import IMAGE_TOKEN_INDEX, LegacyLlamaTokenizer
 from m2sa_jax.data.types import IGNORE_INDEX
+from tests.support import llama_vocab
 
 
 @pytest.fixture(scope="module")

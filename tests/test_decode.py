@@ -10,9 +10,11 @@ import torch
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
-from checkpoints_convert import llava as convert_llava
+from m2sa_jax.checkpoints import llava as convert_llava
 from m2sa_jax.evaluation import decode
 from m2sa_jax.models import llama
+
+pytestmark = pytest.mark.torch
 
 VOCAB = 101
 EOS = 2
@@ -27,7 +29,7 @@ def model(tmp_path_factory):
         num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0,
         max_position_embeddings=256, eos_token_id=EOS, bos_token_id=1, pad_token_id=0)).eval()
     hf.save_pretrained(folder)
-    params, _, config = convert_llava.convert_folder(str(folder))
+    params, _, config, _ = convert_llava.convert_folder(str(folder))
     return hf, params, config
 
 

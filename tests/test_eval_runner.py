@@ -6,31 +6,38 @@ coverage, and the generate protocol's miss / extra accounting.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
-import chex
 import jax
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 
+import m2sa_jax
 from checkpoints_convert.__main__ import main as convert_main
+from m2sa_jax import config_file
+from m2sa_jax.data import benchmarks
 from m2sa_jax.data.pipeline import BatchShapes, collate, prepare_example
 from m2sa_jax.data.skips import SkipCounter
-from m2sa_jax.evaluation import benchmarks, generate_eval, runner
+from m2sa_jax.data.types import MaskRef
+from m2sa_jax.evaluation import generate_eval, runner
 from m2sa_jax.evaluation.metrics import SegmentationMetrics, iou_from_counts
-from m2sa_helpers import write_tiny_m2sa_folder
+from m2sa_jax.pipeline import SegmentResult
+from m2sa_jax.checkpoints import runs
+from m2sa_jax.training import loop
+from tests.support.m2sa_helpers import write_tiny_m2sa_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNTHETIC = os.path.join(ROOT, "configs", "synthetic.py")
 SIZES = [(48, 64), (64, 40), (56, 56), (40, 72), (64, 64)]
 
 
 def _rle(mask):
-    from pycocotools import mask as mask_utils
-
     r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
 
@@ -85,7 +92,6 @@ def fixture(tmp_path_factory):
     write_tiny_m2sa_folder(str(src), "m2sa", sam_depth=2, global_attn=(1,), img_size=128)
     assert convert_main(["m2sa", "--src", str(src), "--dst", str(dst)]) == 0
     coco = write_mmr_fixture(str(tmp))
-    import m2sa_jax
 
     predictor = m2sa_jax.load(str(dst))
     samples, reader_skips = benchmarks.mmr(str(tmp), coco, "val")
@@ -94,10 +100,7 @@ def fixture(tmp_path_factory):
 
 
 def _cfg(fixture, **eval_overrides):
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import synthetic
-
-    cfg = synthetic.get_config()
+    cfg = config_file.load(SYNTHETIC)
     cfg.data.kind = "mmr"
     cfg.eval.checkpoint = str(fixture["dst"])
     cfg.eval.mmr_root = str(fixture["tmp"])
@@ -137,13 +140,14 @@ def _direct_metrics(fixture) -> SegmentationMetrics:
 
 
 def dataclass_replace_one(ex, k):
-    import dataclasses
-
     return dataclasses.replace(ex, conversations=[ex.conversations[k]], masks=[ex.masks[k]],
                                labels=[ex.labels[k]], kinds=[ex.kinds[k]],
                                questions=[ex.questions[k]])
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.torch
 def test_eval_cli_on_fixture_mmr_equals_direct_computation(fixture):
     out = fixture["tmp"] / "cli_out"
     cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--config",
@@ -195,6 +199,8 @@ def _same_results(a: SegmentationMetrics, b: SegmentationMetrics) -> None:
     assert a.done_records("val") == b.done_records("val")
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_batches_compile_once_and_resume_and_hosts_match(fixture, tmp_path):
     pred = fixture["predictor"]
     samples = fixture["samples"]
@@ -244,9 +250,6 @@ def test_batches_compile_once_and_resume_and_hosts_match(fixture, tmp_path):
 
     # ReasonSeg-style ignore regions: a record whose targets are ignored everywhere scores
     # union 0 (IoU 1.0) on each of its masks and drops out of the cIoU sums.
-    import dataclasses
-
-    from m2sa_jax.data.types import MaskRef
 
     first = samples[0]
     h, w = first.height, first.width
@@ -304,8 +307,6 @@ class _ScriptedPredictor:
         return [1]
 
     def segment_batch(self, pairs):
-        from m2sa_jax.pipeline import SegmentResult
-
         out = []
         for rgb, q in pairs:
             k = self.plan.pop(0)
@@ -315,6 +316,7 @@ class _ScriptedPredictor:
         return out
 
 
+@pytest.mark.torch
 def test_generate_eval_accounting_on_fixture_records(fixture, tmp_path):
     samples = fixture["samples"]
     targets = [len(m) for s in samples for m in s.masks]
@@ -357,25 +359,24 @@ TINY_RUN = {"data.train_images": 2, "data.val_images": 3, "data.images_per_batch
 def _save_run_checkpoint(cfg, step: int) -> None:
     """A training workdir as train() leaves it (orbax state + data position), from the freshly
     initialised state: the run's own checkpoint code, without compiling a train step."""
-    from m2sa_jax.data.skips import SkipCounter
-    from m2sa_jax.training import checkpoint as ckpt_lib
-    from m2sa_jax.training import loop
 
-    config, params, tokenizer, root, images = loop.build(cfg)
-    state, *_ = loop.init_state(cfg, config, params, runner.data_mesh())
-    stream = loop._train_stream(cfg, config, tokenizer, root, images, SkipCounter())
-    ckpts = ckpt_lib.RunCheckpoints(os.path.join(cfg.workdir, "checkpoints"), async_save=False)
+    built = loop.build(cfg)
+    state, *_, lora_cfg = loop.init_state(cfg, built.config, built.params, runner.data_mesh())
+    runs.describe_run(cfg.workdir, built.config, lora_cfg, built.tokenizer_folder,
+                      experiment=cfg.to_dict())
+    stream = loop._train_stream(cfg, built.config, built.tokenizer, built.root, built.images,
+                                SkipCounter())
+    ckpts = runs.RunCheckpoints(os.path.join(cfg.workdir, "checkpoints"), async_save=False)
     ckpts.save(step, state, stream.get_state(), force=True)
     ckpts.close()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import synthetic
-
     settings = dict(TINY_RUN, **{"data.root": str(tmp_path / "data"),
                                  "workdir": str(tmp_path / "run")})
-    cfg = synthetic.get_config()
+    cfg = config_file.load(SYNTHETIC)
     for key, value in settings.items():
         *parents, leaf = key.split(".")
         node = cfg
@@ -396,17 +397,24 @@ def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
     assert summary["counts"]["images"] == 3 and summary["metrics"]["all"]["masks"] > 0
     assert summary["skipped"] == {}
 
-    # No checkpoint anywhere: a message that says what to do.
+    # No checkpoint anywhere: a message that says what was tried and what to do.
     cfg.workdir = str(tmp_path / "nothing")
-    with pytest.raises(FileNotFoundError, match="neither a converted LISA/M²SA directory"):
+    with pytest.raises(FileNotFoundError, match="does not exist. Tried:") as e:
         runner.load_model(cfg)
+    assert "training workdir" in str(e.value) and "converted" in str(e.value)
+    # A workdir whose run has not saved a step yet: told to wait or train, not to convert.
+    os.makedirs(tmp_path / "starting" / "checkpoints")
+    cfg.workdir = str(tmp_path / "starting")
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint yet") as e:
+        runner.load_model(cfg)
+    assert "checkpoints_convert" not in str(e.value)
 
 
+@pytest.mark.torch
 def test_generate_protocol_with_the_real_model(fixture):
     """The real generate-then-segment path (no stand-in): the converted model writes its own
     answers; the accumulated metrics and counters equal scoring each question's own
     ``predictor.segment`` answer one at a time."""
-    import m2sa_jax
 
     pred = m2sa_jax.load(str(fixture["dst"]), max_new_tokens=6)
     samples = fixture["samples"]

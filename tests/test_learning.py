@@ -2,28 +2,21 @@
 tokenizer, M²SA from scratch, train step, checkpoints, teacher-forced evaluation — must learn:
 the loss falls and validation gIoU rises well above the untrained model's."""
 
-import importlib.util
 import json
 import os
 import statistics
+import subprocess
+import sys
 
-from m2sa_jax.training.loop import train
+import pytest
 
-_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
-
-
-def _config(arg):
-    spec = importlib.util.spec_from_file_location("synthetic_config", _CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_synthetic_run_learns(tmp_path):
-    cfg = _config("ci")
-    cfg.data.root = str(tmp_path / "data")
-    summary = train(cfg, str(tmp_path / "run"), progress=False)
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
+@pytest.mark.slow
+def test_synthetic_run_learns(trained_ci_run):
+    cfg, summary, run = trained_ci_run["cfg"], trained_ci_run["summary"], trained_ci_run["workdir"]
+    rows = [json.loads(line) for line in open(os.path.join(run, "train_log.jsonl"))]
     assert len(rows) == cfg.train.steps and all(r["finite"] for r in rows)
     mean = lambda key, part: statistics.mean(r[key] for r in part)  # noqa: E731
     head, tail = rows[:20], rows[-20:]
@@ -38,5 +31,27 @@ def test_synthetic_run_learns(tmp_path):
     assert mean("ce", tail) < 0.5 * mean("ce", head)       # the answers are learned
     assert mask_last < 0.9 * mask_first                   # and the masks
     assert after > 2 * before and after > before + 0.04
-    assert (tmp_path / "run" / "metrics.json").is_file()
-    assert any((tmp_path / "run" / "overlays").iterdir())
+    assert os.path.isfile(os.path.join(run, "metrics.json"))
+    assert os.listdir(os.path.join(run, "overlays"))
+
+
+@pytest.mark.slow
+def test_the_trained_workdir_answers_from_the_command_line(trained_ci_run, tmp_path):
+    """The demo's workdir is a model: the segment command takes it as it is (latest step,
+    the run's tokenizer), and a chosen step with WORKDIR@STEP."""
+    run = trained_ci_run["workdir"]
+    val = json.load(open(os.path.join(trained_ci_run["data_root"], "MMR_val.json")))
+    record = next(r for r in val if r["questions"])
+    image = os.path.join(trained_ci_run["data_root"], "images", record["file_name"])
+    for checkpoint, out in ((run, tmp_path / "latest"), (f"{run}@60", tmp_path / "step60")):
+        done = subprocess.run(
+            [sys.executable, "-m", "m2sa_jax.segment", "--checkpoint", checkpoint, "--image",
+             image, "--question", record["questions"][0], "--out", str(out)],
+            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads((out / "result.json").read_text())
+        print(f"\n{checkpoint}: Q: {record['questions'][0]}\nA: {result['answer']}")
+        assert result["checkpoint"].endswith(f"step {120 if out.name == 'latest' else 60}")
+        assert (out / "overlay.png").is_file()
+        if out.name == "latest":
+            assert len(result["masks"]) >= 1 and all(m["area"] > 0 for m in result["masks"])

@@ -17,10 +17,14 @@ import torch
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
-from checkpoints_convert import llava as convert_llava
+from m2sa_jax.checkpoints import llava as convert_llava
+from checkpoints_convert.__main__ import main as convert_main
 from m2sa_jax.models import llama
+from m2sa_jax.checkpoints.converted import load_meta, load_params
 from m2sa_jax.tree import count_params
-from m2sa_helpers import write_sharded_bin
+from tests.support.m2sa_helpers import write_sharded_bin
+
+pytestmark = pytest.mark.torch
 
 VOCAB = 101
 
@@ -54,7 +58,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _load(folder, scan=False, **overrides):
-    params, layout, config = convert_llava.convert_folder(folder, scan=scan)
+    params, layout, config, _ = convert_llava.convert_folder(folder, scan=scan)
     assert layout.name == "llama"
     return params, dataclasses.replace(config, scan_layers=scan, **overrides)
 
@@ -195,7 +199,7 @@ def test_bfloat16_compute_close_to_float32(checkpoints):
 def test_export_round_trip(checkpoints):
     """Our tree exported to Hugging Face names loads into transformers bit-exactly."""
     folder, hf = checkpoints["mha_bin"]
-    params, layout, config = convert_llava.convert_folder(folder, scan=True)
+    params, layout, config, _ = convert_llava.convert_folder(folder, scan=True)
     exported = dict(convert_llava.export_params(params, layout, config, scan=True))
     ref = hf.state_dict()
     assert set(exported) == set(ref)
@@ -204,14 +208,11 @@ def test_export_round_trip(checkpoints):
 
 
 def test_cli_writes_orbax_and_tokenizer(checkpoints, tmp_path):
-    from checkpoints_convert.__main__ import main
-    from m2sa_jax.params_io import load_meta, load_params
-
     folder, hf = checkpoints["gqa_safetensors"]
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"model_max_length": 512}, f)
     dst = tmp_path / "out"
-    assert main(["llava", "--src", folder, "--dst", str(dst), "--dtype", "bfloat16",
+    assert convert_main(["llava", "--src", folder, "--dst", str(dst), "--dtype", "bfloat16",
                  "--scan"]) == 0
     meta = load_meta(str(dst))
     assert meta["model"] == "llama" and meta["scan_layers"] and meta["dtype"] == "bfloat16"

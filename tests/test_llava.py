@@ -22,10 +22,14 @@ from transformers import LlamaForCausalLM as HFLlama
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import LlavaForConditionalGeneration
 
-from checkpoints_convert import llava as convert_llava
-from checkpoints_convert.table import ConversionError
-from m2sa_jax.models import llava
-from m2sa_helpers import write_sharded_bin
+from m2sa_jax.checkpoints import llava as convert_llava
+from m2sa_jax.checkpoints.torch_io import iter_checkpoint
+from m2sa_jax.checkpoints.table import ConversionError, convert
+from m2sa_jax.evaluation.decode import Generator
+from m2sa_jax.models import clip, llama, llava
+from tests.support.m2sa_helpers import write_sharded_bin
+
+pytestmark = pytest.mark.torch
 
 VOCAB = 120
 IMAGE = 56  # 4×4 patches of 14 → 16 image rows
@@ -94,7 +98,7 @@ def _reference_v1(lm, tower, projector, ids, mask, px):
 
 def test_llava_v1_forward_matches_pytorch_composition(v1_folder):
     folder, lm, tower, projector = v1_folder
-    params, layout, config = convert_llava.convert_folder(folder)
+    params, layout, config, _ = convert_llava.convert_folder(folder)
     assert layout.name == "llava_v1" and config.projector_type == "linear"
     assert config.image_token_index == llava.IMAGE_TOKEN_INDEX == -200
     ids, mask, px = _batch(llava.IMAGE_TOKEN_INDEX)
@@ -128,7 +132,7 @@ def test_llava_hf_forward_matches_its_own(tmp_path):
         vision_feature_layer=-2, vision_feature_select_strategy="default",
         projector_hidden_act="gelu")).eval()
     hf.save_pretrained(tmp_path)
-    params, layout, config = convert_llava.convert_folder(str(tmp_path))
+    params, layout, config, _ = convert_llava.convert_folder(str(tmp_path))
     assert layout.is_llava and config.projector_type == "mlp2x_gelu"
     ids, mask, px = _batch(image_token, seed=2)
     out = jax.jit(llava.Llava(config).apply)({"params": params}, jnp.asarray(ids),
@@ -148,10 +152,8 @@ def test_llava_hf_forward_matches_its_own(tmp_path):
 
 
 def test_v1_export_gives_back_the_checkpoint(v1_folder):
-    from checkpoints_convert.io import iter_checkpoint
-
     folder = v1_folder[0]
-    params, layout, config = convert_llava.convert_folder(folder)
+    params, layout, config, _ = convert_llava.convert_folder(folder)
     exported = dict(convert_llava.export_params(params, layout, config, scan=False))
     source = dict(iter_checkpoint(folder))
     skipped = {k for k in source if k.endswith("position_ids")}
@@ -161,10 +163,13 @@ def test_v1_export_gives_back_the_checkpoint(v1_folder):
 
 
 def test_unknown_layout_names_what_is_missing():
-    keys = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
-            "model.mm_projector.weight"]
+    keys = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
+    # LLaVA v1 / LISA as released: no tower keys; the tower is named by config.json
+    layout = convert_llava.detect_layout(keys + ["model.mm_projector.weight"], "ckpt")
+    assert layout.name == "llava_v1" and layout.vision is None and layout.is_llava
+    # llava-hf checkpoints always carry their tower: one without it is incomplete
     with pytest.raises(ConversionError, match="missing the CLIP tower"):
-        convert_llava.detect_layout(keys, "ckpt")
+        convert_llava.detect_layout(keys + ["model.multi_modal_projector.linear_1.weight"], "ckpt")
     with pytest.raises(ConversionError, match="missing the LLaMA token embedding"):
         convert_llava.detect_layout(["encoder.weight"], "ckpt")
 
@@ -177,8 +182,6 @@ def test_rows_without_exactly_one_image_token_are_refused(v1_folder):
 
 def test_mlp2x_gelu_projector_matches_pytorch():
     """LLaVA-1.5's projector as LLaVA's own checkpoints name it (mm_projector.0 / .2)."""
-    from checkpoints_convert.table import convert
-    from m2sa_jax.models import clip, llama
 
     torch.manual_seed(3)
     ref = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
@@ -201,10 +204,9 @@ def test_mlp2x_gelu_projector_matches_pytorch():
 def test_multimodal_prompt_generation(v1_folder):
     """Right-padded multimodal prefill (spliced embeddings) decodes each row as if alone, and
     the first token is the PyTorch composition's argmax after the prompt."""
-    from m2sa_jax.evaluation.decode import Generator
 
     folder, lm, tower, projector = v1_folder
-    params, _, config = convert_llava.convert_folder(folder)
+    params, _, config, _ = convert_llava.convert_folder(folder)
     ids, mask, px = _batch(llava.IMAGE_TOKEN_INDEX, seed=4)
     refs = _reference_v1(lm, tower, projector, ids, mask, px)
     model = llava.Llava(config)

@@ -94,6 +94,7 @@ def test_bad_records_skipped_and_counted():
     assert host1.examples["corrupt"][0][0] == "record 5"  # named by its index in the whole source
 
 
+@pytest.mark.multiprocess
 def test_worker_processes_match_in_process_and_resume():
     make = lambda w: Loader(Records(bad={2}), seed=5, transform=decode, worker_count=w)  # noqa: E731
     ref = _indices(iter(make(0)))

@@ -19,14 +19,15 @@ import numpy as np
 import optax
 import pytest
 
-import train_tiny
 from m2sa_jax.tree import flatten, unflatten
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.models import llama
 from m2sa_jax.models import lora as lora_lib
 from m2sa_jax.models.m2sa import M2SA
-from m2sa_jax.training import loop, optim, sharding
+from m2sa_jax import sharding
+from m2sa_jax.training import loop, optim
 from m2sa_jax.training.step import make_train_step
+from tests.support import train_tiny
 
 WEIGHTS = dict(ce_weight=1.0, bce_weight=2.0, dice_weight=0.5)
 
@@ -37,8 +38,8 @@ def run(tmp_path_factory):
     cfg = train_tiny.config(root, train__lora__rank=4, train__lora__dropout=0.0,
                             train__trainable=optim.M2SA_TRAINABLE, train__lr=1e-2,
                             train__warmup_steps=0)
-    config, params, tokenizer, root, images = loop.build(cfg)
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    config, params, tokenizer, root, images, *_ = loop.build(cfg)
+    mesh = sharding.mesh_from_config(cfg.mesh)
     state, _, optimizer, _, labels, lora_cfg = loop.init_state(cfg, config, params, mesh)
     stream = loop._train_stream(cfg, config, tokenizer, root, images, SkipCounter())
     batches = [next(stream) for _ in range(4)]
@@ -49,6 +50,7 @@ def run(tmp_path_factory):
                 lora_cfg=lora_cfg, batches=batches, model=model, step=step)
 
 
+@pytest.mark.slow
 def test_frozen_parameters_are_bit_identical_and_have_no_adam_moments(run):
     labels = flatten(run["labels"])
     trainable = sorted(k for k, v in labels.items() if v == optim.TRAINABLE)
@@ -142,6 +144,7 @@ def _concat(a, b):
     return out
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_larger_batch(run):
     """k = 2 micro-batches vs one batch of both.
 
@@ -186,6 +189,7 @@ def _random_lora(lora_tree, seed):
                       for key, (k, v) in zip(keys, sorted(flat.items()))})
 
 
+@pytest.mark.slow
 def test_lora_merged_equals_unmerged_on_the_m2sa_forward(run):
     model, lora_cfg = run["model"], run["lora_cfg"]
     params = run["state"]["variables"]["params"]
@@ -255,3 +259,11 @@ def test_lora_on_scanned_layers_equals_unrolled():
     assert float(jnp.max(jnp.abs(lu - lp))) > 1e-3          # LoRA changes the output
     assert err_logits <= 1e-5
     assert err_grads <= 1e-5
+
+
+def test_lora_config_from_a_configs_train_lora():
+    assert lora_lib.LoraConfig.from_dict(dict(rank=0, alpha=16.0, dropout=0.05,
+                                              targets=("q_proj",))) is None
+    cfg = lora_lib.LoraConfig.from_dict(dict(rank=8, alpha=16, dropout=0, targets=["q_proj", "v_proj"]))
+    assert cfg == lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"))
+    assert cfg.scale == 2.0

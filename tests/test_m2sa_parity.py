@@ -12,18 +12,20 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from checkpoints_convert.__main__ import main as convert_main
-from checkpoints_convert.m2sa import meta_to_config
+from m2sa_jax.models.m2sa import M2SAConfig
 from m2sa_jax.data.preprocess import clip_preprocess, sam_preprocess
-from m2sa_jax.models.m2sa import M2SA, compute_losses
-from m2sa_jax.params_io import load_meta, load_params
-from m2sa_helpers import write_tiny_m2sa_folder
-from torch_m2sa_reference import IMAGE_TOKEN_INDEX, mask_loss_terms
+from m2sa_jax.models.m2sa import M2SA
+from m2sa_jax.checkpoints.converted import load_meta, load_params
+from m2sa_jax.training.losses import compute_losses
+from tests.support.m2sa_helpers import write_tiny_m2sa_folder
+from tests.support.torch_m2sa_reference import IMAGE_TOKEN_INDEX, mask_loss_terms
+
+pytestmark = pytest.mark.torch
 
 SP_VOCAB = 400          # SentencePiece pieces of the test tokenizer; [SEG] etc. follow
 
@@ -36,7 +38,7 @@ def setup(request, tmp_path_factory):
     ref, seg_id, state = write_tiny_m2sa_folder(str(src), variant, sp_vocab=SP_VOCAB)
     assert convert_main(["m2sa", "--src", str(src), "--dst", str(dst)]) == 0
     meta = load_meta(str(dst))
-    config = meta_to_config(meta)
+    config = M2SAConfig.from_meta(meta)
     params = load_params(str(dst))
     return dict(variant=variant, ref=ref, config=config, params=params, seg_id=seg_id,
                 src=src, dst=dst, state=state)
@@ -64,6 +66,7 @@ def _inputs(seg_id, rng):
     return image, ids, am, labels
 
 
+@pytest.mark.slow
 def test_m2sa_forward_matches_pytorch(setup):
     ref, config, params, seg_id = setup["ref"], setup["config"], setup["params"], setup["seg_id"]
     rng = np.random.default_rng(1)
@@ -126,7 +129,7 @@ def test_m2sa_forward_matches_pytorch(setup):
 def test_export_round_trip_is_bit_identical(setup, tmp_path):
     back = tmp_path / "back"
     assert convert_main(["m2sa", "--export", "--src", str(setup["dst"]), "--dst", str(back)]) == 0
-    from checkpoints_convert.io import iter_checkpoint
+    from m2sa_jax.checkpoints.torch_io import iter_checkpoint
 
     exported = dict(iter_checkpoint(str(back)))
     original = {k: v.numpy() for k, v in setup["state"].items()}

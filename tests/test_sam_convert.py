@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from checkpoints_convert.__main__ import main as cli
-from checkpoints_convert.io import UnsafeCheckpointError
-from checkpoints_convert.sam import convert_sam, infer_config
-from checkpoints_convert.table import ConversionError
+from m2sa_jax.checkpoints.torch_io import UnsafeCheckpointError
+from m2sa_jax.checkpoints.sam import convert_file, convert_sam, infer_config
+from m2sa_jax.checkpoints.table import ConversionError
 from m2sa_jax.models.sam import abstract_params, narrow_config, sam_config
 from m2sa_jax.tree import count_params
-from m2sa_jax.params_io import load_meta, load_params
-from test_sam_support import torch_sam
+from m2sa_jax.checkpoints.converted import load_meta, load_params
+from tests.support.sam_reference import torch_sam
+
+pytestmark = pytest.mark.torch
 
 # Narrow ViT-B wiring at 256 px with M²SA's compress_vit: small and quick, every key kind.
 TINY = narrow_config("vit_b", 32, 2, img_size=256, use_compress_vit=True)
@@ -101,15 +103,19 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_malicious_pickle_is_refused_without_running(tmp_path):
+def test_malicious_pickle_is_refused_without_running(tmp_path, capsys):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"image_encoder.pos_embed": torch.zeros(1), "x": _Payload(marker)}, path)
     assert not marker.exists()
     with pytest.raises(UnsafeCheckpointError) as e:
-        cli(["sam", "--src", str(path), "--dst", str(tmp_path / "out")])
+        convert_file(str(path))
     assert not marker.exists()
     assert "refused" in str(e.value) and str(path) in str(e.value)
+    assert cli(["sam", "--src", str(path), "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists() and "refused" in err and str(path) in err
+    assert not (tmp_path / "out").exists()
     assert not os.path.exists(tmp_path / "out")
     # control: the payload is live, full unpickling would have run it
     torch.load(path, weights_only=False)

@@ -11,9 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from m2sa_jax.data.preprocess import resize_longest_side_shape
 from m2sa_jax.models.sam import (Sam, get_rel_pos, narrow_config, postprocess_masks,
                                  postprocess_masks_padded)
-from test_sam_support import convert_module, max_abs, torch_sam
+from tests.support.sam_reference import convert_module, max_abs, torch_sam
+
+pytestmark = pytest.mark.torch
 
 CFG = narrow_config("vit_h", 64, 4, use_compress_vit=True)
 
@@ -151,8 +154,6 @@ def test_get_rel_pos_matches_torch(q, k, length):
 
 @pytest.mark.parametrize("original", [(300, 451), (512, 512), (700, 300)])
 def test_postprocess_matches_torch(original):
-    from m2sa_jax.data.preprocess import resize_longest_side_shape
-
     low = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(sum(original)))
     input_size = resize_longest_side_shape(*original)
     up = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)

@@ -17,7 +17,9 @@ import torch
 from checkpoints_convert.__main__ import main as cli
 from m2sa_jax.models.sam import Sam, sam_config
 from m2sa_jax.sam_predictor import SamPredictor
-from test_sam_support import max_abs, torch_sam
+from tests.support.sam_reference import max_abs, torch_sam
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 CFG = sam_config("vit_b")
 

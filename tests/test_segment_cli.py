@@ -4,7 +4,6 @@ checkpoint and a real photograph, plus every bad input the user-facing path must
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -14,12 +13,11 @@ from skimage import data
 
 import m2sa_jax
 from checkpoints_convert.__main__ import main as convert_main
-from checkpoints_convert.table import ConversionError
 from m2sa_jax.data import conversation
 from m2sa_jax.data.pipeline import collate, BatchShapes
 from m2sa_jax.pipeline import mask_labels, read_image
 from m2sa_jax.segment import main as segment_main
-from m2sa_helpers import write_tiny_m2sa_folder
+from tests.support.m2sa_helpers import write_tiny_m2sa_folder
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +70,7 @@ def _force_first_token(pred, image, question, token_id, amount=100.0):
 QUESTION = "Which parts would you hold to carry the cup?"
 
 
+@pytest.mark.torch
 def test_segment_generates_masks_consistent_with_teacher_forcing(converted, photo):
     pred = m2sa_jax.load(str(converted["dst"]), max_new_tokens=6)
     image = read_image(str(photo))
@@ -93,6 +92,7 @@ def test_segment_generates_masks_consistent_with_teacher_forcing(converted, phot
     assert err <= 1e-4
 
 
+@pytest.mark.torch
 def test_answer_without_seg_gives_zero_masks(converted, photo):
     pred = m2sa_jax.load(str(converted["dst"]), max_new_tokens=4)
     image = read_image(str(photo))
@@ -102,6 +102,7 @@ def test_answer_without_seg_gives_zero_masks(converted, photo):
     assert result.labels == [] and result.answer == ""
 
 
+@pytest.mark.torch
 def test_batched_pairs_equal_single_calls(converted, photo):
     pred = m2sa_jax.load(str(converted["dst"]), max_new_tokens=5)
     other = data.astronaut()[::4, ::4]
@@ -115,6 +116,7 @@ def test_batched_pairs_equal_single_calls(converted, photo):
         np.testing.assert_allclose(single.mask_logits, r.mask_logits, atol=1e-4)
 
 
+@pytest.mark.torch
 def test_cli_end_to_end(converted, photo, tmp_path, capsys):
     out = tmp_path / "out"
     rc = segment_main(["--checkpoint", str(converted["dst"]), "--image", str(photo),
@@ -149,6 +151,7 @@ def test_image_modes_are_converted(tmp_path, mode):
         assert np.abs(out.astype(int) - rgb.astype(int)).max() <= 1
 
 
+@pytest.mark.torch
 def test_bad_inputs_have_clear_errors(converted, photo, tmp_path, capsys):
     dst = str(converted["dst"])
     # missing image
@@ -180,18 +183,18 @@ def test_bad_inputs_have_clear_errors(converted, photo, tmp_path, capsys):
     assert rc == 2 and "m2sa_meta.json" in capsys.readouterr().err
 
 
-def test_non_m2sa_folder_names_what_is_missing(tmp_path):
+@pytest.mark.torch
+def test_non_m2sa_folder_names_what_is_missing(tmp_path, capsys):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path / "llama"
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                  num_hidden_layers=1, num_attention_heads=2)).save_pretrained(folder)
-    with pytest.raises(ConversionError) as e:
-        convert_main(["m2sa", "--src", str(folder), "--dst", str(tmp_path / "out")])
-    msg = str(e.value)
+    assert convert_main(["m2sa", "--src", str(folder), "--dst", str(tmp_path / "out")]) == 2
+    msg = capsys.readouterr().err
     assert "not a LISA/M²SA checkpoint folder" in msg
-    for what in ("SAM image encoder", "CLIP vision tower", "text_hidden_fcs"):
+    for what in ("SAM image encoder", "mm_projector", "text_hidden_fcs"):
         assert what in msg
     del torch
 

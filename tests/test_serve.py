@@ -36,8 +36,8 @@ from checkpoints_convert.__main__ import main as convert_main
 from m2sa_jax.inference.engine import CompileCounter
 from m2sa_jax.inference.server import ServeSettings, Service, create_app, find_examples
 from m2sa_jax.models import sam as sam_lib
-from m2sa_helpers import write_tiny_m2sa_folder
-from serve_helpers import write_answering_model
+from tests.support.m2sa_helpers import write_tiny_m2sa_folder
+from tests.support.serve_helpers import write_answering_model
 
 QUESTION = "Which parts would you hold to carry the cup?"
 ANSWER = "the handle [SEG] and the cup [SEG]."

@@ -1,6 +1,6 @@
 """Sharding: one train step is the same computation on every mesh and across processes.
 
-A tiny random M²SA (tests/sharding_worker.py: scanned + rematerialised LLM with LoRA and
+A tiny random M²SA (tests/support/sharding_worker.py: scanned + rematerialised LLM with LoRA and
 dropout, the paper's trainable set, compress_vit fusion) takes one AdamW step on a fixed batch
 of 8 images on a 1-device mesh, a 2×4 (data × fsdp) and an 8×1 (data) mesh of fake CPU
 devices, and in a two-process jax.distributed run on localhost (2 devices each, fsdp × tensor).
@@ -24,17 +24,20 @@ import sys
 import numpy as np
 import pytest
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO
+from tests.support.sharding_worker import initial_value
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+WORKER = [sys.executable, "-m", "tests.support.sharding_worker"]     # run from the repository root
 TOL = 1e-5
 REFERENCE, FSDP, DATA, TWO_PROCESS = "1,1,1", "2,4,1", "8,1,1", "1,2,2"
 TIMEOUT = 1500
-sys.path.insert(0, os.path.dirname(WORKER))
 
 
 def _env(devices: int) -> dict:
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+                JAX_PLATFORMS="cpu")
 
 
 def _free_port() -> int:
@@ -52,15 +55,15 @@ def runs(tmp_path_factory):
     for spec in (REFERENCE, FSDP, DATA):
         files.append(str(out / f"mesh_{spec.replace(',', 'x')}.npz"))
         procs.append(subprocess.Popen(
-            [sys.executable, WORKER, "meshes", files[-1], spec, "--memory", FSDP],
-            env=_env(8), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            [*WORKER, "meshes", files[-1], spec, "--memory", FSDP],
+            env=_env(8), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     two = str(out / "two_process.npz")
     port = _free_port()
     for pid in range(2):
         procs.append(subprocess.Popen(
-            [sys.executable, WORKER, "process", two, "--process_id", str(pid),
+            [*WORKER, "process", two, "--process_id", str(pid),
              "--num_processes", "2", "--port", str(port), "--mesh", TWO_PROCESS],
-            env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
         for p in procs:
@@ -115,8 +118,6 @@ def test_two_process_step_equals_one_process(runs):
 def test_step_changes_trainable_and_keeps_frozen(runs):
     """The reference step itself moved the trainable leaves and left frozen ones bit-identical
     (compared with their starting values, redrawn here)."""
-    from sharding_worker import initial_value
-
     ref = _state(runs["meshes"], REFERENCE)
 
     def before(key):

@@ -6,16 +6,16 @@ Nothing here has weights: the models are abstract (jax.eval_shape), the meshes a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
-import jax
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
+from m2sa_jax import config_file, sharding
+from m2sa_jax.models import llama
 from m2sa_jax.tree import flatten
-from m2sa_jax.training import memory_plan, optim, setup, sharding
+from m2sa_jax.training import memory_plan, optim, setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = ("m2sa_7b", "m2sa_llama2_13b", "lisa_7b")
@@ -27,10 +27,7 @@ CLIP_L = 303_179_776
 
 
 def load(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_file.load(os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 def _keys(c, prefix=""):
@@ -56,7 +53,7 @@ def test_structure_matches_synthetic(name):
     missing = want - _keys(c)
     assert not missing, f"configs/{name}.py lacks {sorted(missing)}"
     assert c.model.init == "checkpoint" and c.data.kind == "mixture"
-    assert set(c.mesh) == {"data", "fsdp", "tensor"}
+    assert set(c.mesh) == {"data", "fsdp", "tensor", "rules"}
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -127,7 +124,6 @@ def test_7b_parameter_counts_and_trainable_set(abstract_7b):
 
 def test_13b_parameter_count():
     config = memory_plan.model_config(load("m2sa_llama2_13b"))
-    from m2sa_jax.models import llama
 
     assert _count(llama.param_shapes(config.llava.text)) == LLAMA2_13B
     assert config.llava.text.rms_norm_eps == 1e-5
@@ -155,3 +151,24 @@ def test_7b_shards_on_8_devices(abstract_7b):
     emb = "params/llava/language_model/embed_tokens/embedding"
     assert tuple(sharding.spec_for(emb, (32003, 4096), AbstractMesh((1, 2, 4), sharding.MESH_AXES))) \
         == (None, "fsdp")
+
+
+def test_sharding_rules_are_chosen_by_name(abstract_7b):
+    """config.mesh.rules names a registered logical-axis table; the train state's layout (what
+    the memory plan and the loop use) follows it."""
+    cfg, config, variables, _ = abstract_7b
+    assert cfg.mesh.rules == "fsdp_tensor"
+    q = "params/llava/language_model/layers/layer/self_attn/q_proj/kernel"
+    mesh = AbstractMesh((1, 2, 4), sharding.MESH_AXES)
+    specs = {name: tuple(sharding.spec_for(q, (32, 4096, 4096), mesh, name))
+             for name in sharding.RULES}
+    assert specs == {"fsdp_tensor": (None, "fsdp", "tensor"), "fsdp": (None, "fsdp", None),
+                     "replicated": (None, None, None)}
+    with pytest.raises(ValueError, match="fsdp_tensor, fsdp, replicated"):
+        sharding.spec_for(q, (32, 4096, 4096), mesh, "zero3")
+    fsdp8 = AbstractMesh((1, 8, 1), sharding.MESH_AXES)
+    split = memory_plan.state_bytes_per_device(cfg, config, fsdp8)["params"]
+    replicated = cfg.copy_and_resolve_references()
+    replicated.mesh.rules = "replicated"
+    whole = memory_plan.state_bytes_per_device(replicated, config, fsdp8)["params"]
+    assert whole == 4 * _count(variables["params"]) and split < whole / 8 * 1.02

@@ -4,6 +4,7 @@ identical records, and load them through the resumable loader."""
 import io
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from pycocotools import mask as mask_utils
 
 from m2sa_jax.data.loader import Loader
 from m2sa_jax.data.tfds_mmr import SPLIT_FILES, Mmr, data_source, decode_example
+from m2sa_jax.data.tfds_mmr.__main__ import main as tfds_mmr_main
 from m2sa_jax.data.types import BadRecord
 
 
@@ -65,7 +67,6 @@ def test_splits_are_array_record_files(built):
     files = os.listdir(os.path.join(data_dir, "mmr", "1.0.0"))
     for split in SPLIT_FILES:
         assert any(f.startswith(f"mmr-{split}.array_record-") for f in files), files
-    import sys
     assert "tensorflow" not in sys.modules  # built and read without TensorFlow
 
 
@@ -126,10 +127,9 @@ def test_missing_split_file_names_the_fix(tmp_path):
 
 
 def test_command_line_builds_chosen_splits(built, tmp_path, capsys):
-    from m2sa_jax.data.tfds_mmr.__main__ import main
-
     _, manual, records = built
-    main(["--manual_dir", manual, "--data_dir", str(tmp_path), "--splits", "test_part_only"])
+    tfds_mmr_main(["--manual_dir", manual, "--data_dir", str(tmp_path), "--splits",
+                   "test_part_only"])
     assert "test_part_only 3" in capsys.readouterr().out
     ds = data_source(str(tmp_path), "test_part_only")
     assert [decode_example(ds[i])[0] for i in range(len(ds))] == records["test_part_only"]

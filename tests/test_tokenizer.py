@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-import llama_vocab
 from m2sa_jax.data.tokenizer import IMAGE_TOKEN_INDEX, LegacyLlamaTokenizer
+from tests.support import llama_vocab
 
 
 @pytest.fixture(scope="module")

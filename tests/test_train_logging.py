@@ -20,17 +20,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboardX.proto.event_pb2 import Event
 
-import train_tiny
 from m2sa_jax.tree import flatten
 from m2sa_jax.training import loop
+from tests.support import train_tiny
 
 K = 3
 
 
 def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
     """Scalars of TensorBoard event files (TFRecord framing: length, crc, event, crc)."""
-    from tensorboardX.proto.event_pb2 import Event
 
     out: dict[str, list] = {}
     for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
@@ -61,6 +61,7 @@ def nan_run(tmp_path_factory):
     return cfg, workdir
 
 
+@pytest.mark.slow
 def test_nonfinite_updates_are_skipped_and_the_run_stops(nan_run, capsys):
     cfg, workdir = nan_run
     with pytest.raises(loop.NonFiniteLoss) as info:

@@ -7,18 +7,17 @@ the tiny synthetic one (no weights are built).
 """
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
-import llama_vocab
-import train_tiny
-from test_mixed import DATASET_HW, write_dataset_root
 
+from m2sa_jax import config_file
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
 from m2sa_jax.training import loop, setup
+from tests.support import CONFIGS, llama_vocab, train_tiny
+from tests.support.dataset_root import DATASET_HW, write_dataset_root
 
 IMAGES = 2                       # per batch
 QUESTIONS = 3                    # per image (the paper's)
@@ -31,12 +30,7 @@ GROUP_TEXT = {"sem_seg": "sky", "refer_seg": "the person", "vqa": "What is it?",
 
 
 def _paper_config(root, **data):
-    sys.path.insert(0, os.path.join(train_tiny.REPO, "configs"))
-    try:
-        import m2sa_7b
-    finally:
-        sys.path.pop(0)
-    cfg = m2sa_7b.get_config()
+    cfg = config_file.load(os.path.join(CONFIGS, "m2sa_7b.py"))
     assert cfg.data.kind == "mixture" and dict(cfg.data.ratios) == dict(
         sem_seg=2.0, refer_seg=9.0, vqa=2.0, mmr=6.0)
     cfg.data.root = str(root)

@@ -10,8 +10,8 @@ iterator's position all came back. A persistent compilation cache shared by the 
 the later runs from compiling the step again.
 
 The uninterrupted run is then exported with ``python -m m2sa_jax.training.export`` (LoRA
-merged, LISA/M²SA layout) and loaded into the PyTorch reference (tests/torch_m2sa_reference.py)
-built from the exported config.json; its forward on a training batch must match the JAX model
+merged, LISA/M²SA layout) and loaded into the PyTorch reference
+(tests/support/torch_m2sa_reference.py) built from the exported config.json; its forward on a training batch must match the JAX model
 run from the checkpoint with the LoRA branch unmerged (logits ≤ 1e-4, mask logits ≤ 1e-3 as in
 the M²SA parity test). The export lives here to reuse the trained run.
 """
@@ -24,10 +24,22 @@ import signal
 import subprocess
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
-import train_tiny
+from m2sa_jax.checkpoints.torch_io import iter_checkpoint
+from m2sa_jax import sharding
+from m2sa_jax.data.skips import SkipCounter
+from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from m2sa_jax.models import lora as lora_lib
+from m2sa_jax.models.m2sa import M2SA
+from m2sa_jax.checkpoints import runs as ckpt_lib
+from m2sa_jax.training import loop
+from tests.support import train_tiny
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 STEPS = 8
 EXTRA = dict(train__lora__rank=4, train__lora__dropout=0.1, eval__overlays=0,
@@ -167,9 +179,7 @@ def _torch_from_folder(folder, sam_cfg):
     from segment_anything.modeling.common import LayerNorm2d
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from checkpoints_convert.io import iter_checkpoint
-    from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
-    from torch_m2sa_reference import TorchM2SA
+    from tests.support.torch_m2sa_reference import TorchM2SA
 
     hf = json.load(open(os.path.join(folder, "config.json")))
     assert hf["architectures"] == ["LISAForCausalLM"]
@@ -214,22 +224,13 @@ def _torch_from_folder(folder, sam_cfg):
     return ref.eval()
 
 
+@pytest.mark.torch
 def test_export_of_the_trained_run_matches_pytorch(runs):
-    import jax
-    import flax.linen as nn
     import torch
-
-    from m2sa_jax.data.skips import SkipCounter
-    from m2sa_jax.models import lora as lora_lib
-    from m2sa_jax.models.m2sa import M2SA
-    from m2sa_jax.training import checkpoint as ckpt_lib
-    from m2sa_jax.training import loop, sharding
 
     dst = str(runs["tmp"] / "exported")
     cmd = [train_tiny.sys.executable, "-m", "m2sa_jax.training.export",
-           "--config", os.path.join(train_tiny.REPO, "configs", "synthetic.py") + ":ci",
-           "--workdir", runs["full_dir"], "--dst", dst,
-           *train_tiny.flags(runs["data"], **EXTRA)]
+           "--workdir", runs["full_dir"], "--dst", dst]
     t = time.monotonic()
     done = subprocess.run(cmd, env=train_tiny.env(runs["cache"]), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -237,8 +238,8 @@ def test_export_of_the_trained_run_matches_pytorch(runs):
 
     # JAX: the trained run's last checkpoint, LoRA applied at run time (not merged)
     cfg = train_tiny.config(runs["data"], **EXTRA)
-    config, params, tokenizer, root, images = loop.build(cfg)
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    config, params, tokenizer, root, images, *_ = loop.build(cfg)
+    mesh = sharding.mesh_from_config(cfg.mesh)
     state, _, _, _, _, lora_cfg = loop.init_state(cfg, config, params, mesh)
     ckpts = ckpt_lib.RunCheckpoints(os.path.join(runs["full_dir"], "checkpoints"),
                                     async_save=False)
@@ -285,3 +286,23 @@ def test_export_of_the_trained_run_matches_pytorch(runs):
           f"{err_logits:.1e}, mask logits {err_masks:.1e}")
     assert err_logits <= 1e-4
     assert err_masks <= 1e-3
+
+    # The workdir itself as a model source (the resolver: latest step, LoRA merged, the run's
+    # tokenizer, no experiment config): its teacher-forced masks equal the PyTorch reference's.
+    from m2sa_jax.checkpoints.resolve import resolve
+
+    loaded = resolve(runs["full_dir"])
+    assert loaded.kind == "workdir" and loaded.description.endswith(f"step {STEPS}")
+    assert loaded.tokenizer.seg_token_id == tokenizer.seg_token_id
+    model_w = M2SA(loaded.config)
+    out_w = jax.device_get(jax.jit(lambda p, b: model_w.apply({"params": p}, b,
+                                                              method=M2SA.forward_batch))(
+        loaded.params, batch))
+    ours_w = np.asarray(out_w["mask_logits"])[slots]
+    err_w, i = 0.0, 0
+    for img, m in enumerate(theirs):
+        h, w = batch["original_hw"][img]
+        err_w = max(err_w, float(np.abs(ours_w[i:i + len(m), :h, :w] - m).max()))
+        i += len(m)
+    print(f"the workdir through the resolver vs PyTorch: mask logits max abs err {err_w:.1e}")
+    assert err_w <= 1e-4

@@ -25,6 +25,8 @@ import json
 from typing import Any, Callable, Iterator, Protocol
 
 import grain
+import jax
+from absl import flags
 
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import BadRecord
@@ -107,8 +109,6 @@ def _describe(source) -> str:
 
 def _host(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     if shard_index is None and shard_count is None:
-        import jax
-
         return jax.process_index(), jax.process_count()
     if shard_index is None or shard_count is None:
         raise ValueError("give both shard_index and shard_count, or neither (then jax's process index/count)")
@@ -117,8 +117,6 @@ def _host(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
 
 def _allow_worker_processes() -> None:
     # grain's worker processes read absl flags; outside an absl app they are unparsed.
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

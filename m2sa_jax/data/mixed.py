@@ -17,7 +17,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from m2sa_jax.data.mmr import MMRDataset
 from m2sa_jax.data.sources.common import Source
+from m2sa_jax.data.sources.refer_seg import DEFAULT_REFER_SEG, refer_seg_sources
+from m2sa_jax.data.sources.sem_seg import DEFAULT_SEM_SEG, sem_seg_sources
+from m2sa_jax.data.sources.vqa import VQASource
 from m2sa_jax.data.types import BadRecord, Sample
 
 PAPER_RATIOS = {"sem_seg": 2.0, "refer_seg": 9.0, "vqa": 2.0, "mmr": 6.0}
@@ -110,11 +114,6 @@ def training_mixture(root: str, *, seed: int, draws_per_epoch: int, ratios: Mapp
     Groups with ratio 0 are not opened. MMR defaults to ``root/MMR/MMR_train.json`` with
     images under ``root/refer_seg/images/mscoco/images`` (the public code's paths).
     """
-    from m2sa_jax.data.mmr import MMRDataset
-    from m2sa_jax.data.sources.refer_seg import DEFAULT_REFER_SEG, refer_seg_sources
-    from m2sa_jax.data.sources.sem_seg import DEFAULT_SEM_SEG, sem_seg_sources
-    from m2sa_jax.data.sources.vqa import VQASource
-
     per_image = dict(max_questions=max_questions, max_per_question=max_per_question)
     builders = {
         "sem_seg": lambda: sem_seg_sources(root, sem_seg or DEFAULT_SEM_SEG, **per_image),

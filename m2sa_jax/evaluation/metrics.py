@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 IOU_EPS = 1e-5
 GRANULARITIES = ("object", "part")
@@ -266,8 +267,6 @@ class SegmentationMetrics:
         """
         if jax.process_count() == 1:
             return SegmentationMetrics.from_json(self.to_json())
-        from jax.experimental import multihost_utils
-
         blob = np.frombuffer(self.to_json().encode(), np.uint8)
         lengths = multihost_utils.process_allgather(np.array([blob.size], np.int64))
         padded = np.zeros(int(np.max(lengths)), np.uint8)

@@ -19,15 +19,17 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
 
+from m2sa_jax.checkpoints.resolve import describe_kinds, resolve
 from m2sa_jax.data.pipeline import BatchShapes, Example, collate, iter_examples
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import Sample
 from m2sa_jax.evaluation.metrics import SegmentationMetrics
+from m2sa_jax.evaluation.report import print_summary
 from m2sa_jax.models.m2sa import M2SA
 
 RESULTS_VERSION = 1
@@ -147,7 +149,7 @@ def make_forward(model: M2SA, max_traces: int | None = None):
 
 def data_mesh():
     """A data-only mesh over the local devices (evaluation is data parallel)."""
-    from m2sa_jax.training.sharding import make_mesh
+    from m2sa_jax.sharding import make_mesh
 
     return make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.local_devices())
 
@@ -156,7 +158,7 @@ def place_batch(batch: dict, mesh) -> dict:
     """The batch's leading axes split over the mesh's data axis (replicated if indivisible)."""
     if mesh is None:
         return batch
-    from m2sa_jax.training.sharding import batch_sharding
+    from m2sa_jax.sharding import batch_sharding
 
     return jax.device_put(batch, batch_sharding(batch, mesh))
 
@@ -164,7 +166,7 @@ def place_batch(batch: dict, mesh) -> dict:
 def replicate(variables, mesh):
     if mesh is None:
         return variables
-    from m2sa_jax.training.sharding import replicated
+    from m2sa_jax.sharding import replicated
 
     return jax.device_put(variables, replicated(mesh))
 
@@ -325,60 +327,23 @@ def _image_of(ex: Example) -> np.ndarray:
 
 
 def load_model(cfg):
-    """(M2SAConfig, params, tokenizer, description) of ``eval.checkpoint``: a converted
-    LISA/M²SA directory, or a training workdir (its latest orbax step, LoRA merged). With no
-    checkpoint given, a synthetic config evaluates its own training workdir (``workdir``)."""
-    from m2sa_jax.params_io import META_FILE
-
+    """(M2SAConfig, params, tokenizer, description) of ``eval.checkpoint`` — any model source
+    (:func:`m2sa_jax.checkpoints.resolve.resolve`: a converted directory, a LISA/M²SA PyTorch
+    folder, a training workdir or ``WORKDIR@STEP``, a Hugging Face id in the local cache). With
+    no checkpoint given, a synthetic config evaluates its own training workdir (``workdir``)."""
     path = cfg.eval.checkpoint or (cfg.workdir if cfg.data.kind == "synthetic" else "")
     if not path:
-        raise ValueError("no model to evaluate: pass --config.eval.checkpoint=DIR (a directory "
-                         "written by `python -m checkpoints_convert m2sa`, or a training workdir)")
-    if os.path.isfile(os.path.join(path, META_FILE)):
-        from m2sa_jax.pipeline import load
-
-        predictor = load(path)
-        return predictor.config, predictor.params, predictor.tokenizer, f"converted {path}"
-    from m2sa_jax.training import checkpoint as ckpt_lib
-    from m2sa_jax.training import loop
-
-    ckpt_dir = os.path.join(path, "checkpoints")
-    ckpts = ckpt_lib.RunCheckpoints(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
-    step = ckpts.latest_step() if ckpts is not None else None
-    if step is None:
-        raise FileNotFoundError(
-            f"{os.path.abspath(path)}: neither a converted LISA/M²SA directory (no {META_FILE}) "
-            f"nor a training workdir with a saved step under checkpoints/. Train first "
-            f"(python train.py --config ... --workdir {path}), convert a released model "
-            f"(python -m checkpoints_convert m2sa --src HF_FOLDER --dst DIR), or pass "
-            f"--config.eval.checkpoint=DIR")
-    if cfg.model.init == "random":
-        # The toy configs: the model is defined by the config's sizes, so the saved state is
-        # restored as saved (no restore target: the random init and optimizer are not built).
-        import orbax.checkpoint as ocp
-
-        from m2sa_jax.training import setup
-
-        _, tok_dir = setup.synthetic_data(cfg)
-        tokenizer = setup.load_tokenizer(tok_dir, cfg.data.model_max_length)
-        config = setup.model_config_from_sizes(cfg, tokenizer.seg_token_id, len(tokenizer))
-        restored = ckpts.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))["state"]
-    else:
-        # Pretrained inits: the restore target comes from the run's own state layout.
-        config, params, tokenizer, _, _ = loop.build(cfg)
-        state, *_ = loop.init_state(cfg, config, params, data_mesh())
-        del params
-        restored, _ = ckpts.restore(step, ckpt_lib.abstract_like(state))
-    ckpts.close()
-    params = jax.device_get(loop.merged_params(restored, loop._lora_cfg(cfg)))
-    return config, params, tokenizer, f"training workdir {path} step {step}"
+        raise ValueError("no model to evaluate: pass --config.eval.checkpoint=SOURCE ("
+                         + describe_kinds() + ")")
+    model = resolve(path, vision_tower=cfg.eval.get("vision_tower") or None,
+                    dtype=cfg.eval.get("dtype") or "float32")
+    return model.config, model.params, model.tokenizer, model.description
 
 
 def load_samples(cfg) -> tuple[list[Sample], SkipCounter]:
     """The benchmark ``eval.dataset`` / ``eval.split`` through the readers of
-    :mod:`m2sa_jax.evaluation.benchmarks`."""
-    from m2sa_jax.evaluation import benchmarks
+    :mod:`m2sa_jax.data.benchmarks`."""
+    from m2sa_jax.data import benchmarks
 
     e, name, split = cfg.eval, cfg.eval.dataset, cfg.eval.split
     if name not in DATASETS:
@@ -504,21 +469,3 @@ def run(cfg, workdir: str, *, host_index: int | None = None, host_count: int | N
     print(f"metrics: {path}")
     return summary
 
-
-def print_summary(s: dict) -> None:
-    print(f"{s['dataset']} {s['split']} ({s['protocol'].replace('_', '-')}), {s['checkpoint']}")
-    print(f"  {'targets':<8} {'gIoU':>7} {'cIoU':>7} {'masks':>7}")
-    for group in ("all", "object", "part"):
-        r = s["metrics"].get(group)
-        if r:
-            print(f"  {group:<8} {r['giou']:7.4f} {r['ciou']:7.4f} {r['masks']:7d}")
-    c = s["counts"]
-    print(f"  images {c['images']}, questions {c['questions']}, masks {c['masks']}; "
-          f"{s['samples_per_s']:.2f} questions/s")
-    g = s.get("generate")
-    if g:
-        print(f"  generated answers: {g['exact']} with as many [SEG] as targets, {g['fewer']} "
-              f"fewer ({g['missing_masks']} targets scored as empty), {g['more']} more "
-              f"({g['extra_masks']} extra masks, not scored)")
-    if s["skipped"]:
-        print("  skipped records: " + ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())))

@@ -146,9 +146,15 @@ class Llava(nn.Module):
         return out
 
 
-def llava_config_from_hf(cfg: Mapping[str, Any], **text_overrides) -> LlavaConfig:
+def llava_config_from_hf(cfg: Mapping[str, Any], *, vision: clip.CLIPVisionConfig | None = None,
+                         **text_overrides) -> LlavaConfig:
     """LlavaConfig from a ``config.json``: LLaVA v1 / LISA (LLaMA fields at the top level plus
-    ``mm_*`` fields) or llava-hf (``text_config`` / ``vision_config``)."""
+    ``mm_*`` fields) or llava-hf (``text_config`` / ``vision_config``).
+
+    The CLIP tower's architecture is ``vision`` when given (read from the tower's own
+    config.json), else ``config.json``'s ``vision_config``; LLaVA v1 / LISA config files name
+    the tower (``mm_vision_tower``) without describing it, so one of the two is needed.
+    """
     cfg = dict(cfg)
     if "text_config" in cfg:  # llava-hf LlavaForConditionalGeneration
         strategy = cfg.get("vision_feature_select_strategy", "default")
@@ -163,23 +169,18 @@ def llava_config_from_hf(cfg: Mapping[str, Any], **text_overrides) -> LlavaConfi
                 f"projector_hidden_act {cfg.get('projector_hidden_act')!r}, "
                 f"multimodal_projector_bias {cfg.get('multimodal_projector_bias', True)!r})")
         text = llama.LlamaConfig.from_hf(cfg["text_config"], **text_overrides)
-        vision = clip.CLIPVisionConfig.from_hf(cfg["vision_config"])
+        vision = vision or clip.CLIPVisionConfig.from_hf(cfg["vision_config"])
         return LlavaConfig(text=text, vision=vision, projector_type="mlp2x_gelu",
                            image_token_index=cfg.get("image_token_index", cfg.get("image_token_id")),
                            vision_feature_layer=layer)
     text = llama.LlamaConfig.from_hf(cfg, **text_overrides)
-    if "vision_config" in cfg:
-        vision = clip.CLIPVisionConfig.from_hf(cfg["vision_config"])
-    else:
-        tower = str(cfg.get("mm_vision_tower", ""))
-        known = {"clip-vit-large-patch14": 224, "clip-vit-large-patch14-336": 336}
-        name = tower.rstrip("/").split("/")[-1]
-        if name not in known:
+    if vision is None:
+        if "vision_config" not in cfg:
             raise ValueError(
-                f"config.json: mm_vision_tower {tower!r} is not a known CLIP tower "
-                f"({sorted(known)}). Fix: add a 'vision_config' dict (CLIPVisionConfig fields) "
-                f"to config.json.")
-        vision = clip.CLIPVisionConfig(image_size=known[name])
+                f"config.json names the CLIP tower (mm_vision_tower "
+                f"{cfg.get('mm_vision_tower')!r}) but does not describe it; its architecture "
+                f"comes from the tower's own config.json")
+        vision = clip.CLIPVisionConfig.from_hf(cfg["vision_config"])
     return LlavaConfig(text=text, vision=vision,
                        projector_type=cfg.get("mm_projector_type", "linear"),
                        image_token_index=cfg.get("image_token_index", IMAGE_TOKEN_INDEX),

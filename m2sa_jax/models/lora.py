@@ -42,6 +42,21 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def to_dict(self) -> dict:
+        return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                    targets=list(self.targets), exclude=list(self.exclude))
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LoraConfig | None":
+        """From a config's ``train.lora`` (or :meth:`to_dict`); None when the rank is 0 (no
+        LoRA)."""
+        d = dict(d)
+        if not d.get("rank"):
+            return None
+        extra = {"exclude": tuple(d["exclude"])} if "exclude" in d else {}
+        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d["dropout"]),
+                   targets=tuple(d["targets"]), **extra)
+
 
 def target_paths(params: Mapping, cfg: LoraConfig) -> list[str]:
     """'/'-joined paths of the Dense modules (holding a 'kernel') whose name is a target,

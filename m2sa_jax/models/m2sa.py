@@ -23,9 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m2sa_jax.models import clip, llama
 from m2sa_jax.models import llava as llava_lib
 from m2sa_jax.models import sam as sam_lib
-from m2sa_jax.training import losses as losses_lib
 
 VARIANTS = ("m2sa", "lisa")
 
@@ -48,6 +48,29 @@ class M2SAConfig:
     @property
     def out_dim(self) -> int:
         return self.sam.prompt_embed_dim
+
+    def to_meta(self) -> dict:
+        """The architecture as JSON-able metadata (a converted directory's ``m2sa_meta.json``
+        and a training run's ``model.json`` carry it); :meth:`from_meta` reads it back."""
+        lv = self.llava
+        return dict(model="m2sa", variant=self.variant, seg_token_id=self.seg_token_id,
+                    scan_layers=lv.text.scan_layers, text_config=lv.text.to_hf(),
+                    vision_config=lv.vision.to_hf(), projector_type=lv.projector_type,
+                    image_token_index=lv.image_token_index,
+                    vision_feature_layer=lv.vision_feature_layer, sam_config=self.sam.to_dict())
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], **text_overrides) -> "M2SAConfig":
+        if meta.get("model") != "m2sa":
+            raise ValueError(f"metadata of a {meta.get('model')!r} model, not LISA/M²SA")
+        text = llama.LlamaConfig.from_hf(meta["text_config"],
+                                         scan_layers=meta["scan_layers"], **text_overrides)
+        vision = clip.CLIPVisionConfig.from_hf(meta["vision_config"])
+        lv = llava_lib.LlavaConfig(text=text, vision=vision, projector_type=meta["projector_type"],
+                                   image_token_index=meta["image_token_index"],
+                                   vision_feature_layer=meta["vision_feature_layer"])
+        return cls(llava=lv, sam=sam_lib.SamConfig.from_dict(meta["sam_config"]),
+                   seg_token_id=meta["seg_token_id"], variant=meta["variant"])
 
 
 class TextHiddenFcs(nn.Module):
@@ -184,38 +207,6 @@ class M2SA(nn.Module):
         return self(batch["sam_images"], batch["clip_images"], batch["input_ids"],
                     batch["attention_mask"], batch["conv_image_index"], batch["resized_hw"],
                     batch["original_hw"], targets_per_question=n, mask_hw=(mh, mw))
-
-
-def expand_labels(labels, text_to_expanded, expanded_len: int):
-    """Text labels [Q, T] → labels of the expanded sequence [Q, E] (image rows are -100)."""
-    q = labels.shape[0]
-    out = jnp.full((q, expanded_len), losses_lib.IGNORE_INDEX, labels.dtype)
-    rows = jnp.arange(q)[:, None]
-    return out.at[rows, text_to_expanded].set(labels)
-
-
-def pixel_valid_mask(original_sizes, seg_image, mask_size):
-    """[M, Hmax, Wmax] bool: inside the original image of each target."""
-    hw = original_sizes[seg_image]                                          # [M, 2]
-    ys = jnp.arange(mask_size[0])[None, :, None] < hw[:, 0, None, None]
-    xs = jnp.arange(mask_size[1])[None, None, :] < hw[:, 1, None, None]
-    return ys & xs
-
-
-def compute_losses(outputs, batch: Mapping[str, Any], *, ce_weight: float, bce_weight: float,
-                   dice_weight: float):
-    """SPEC §4 losses of a forward on a collated batch. Targets are ``gt_masks`` [Q, N, H, W]
-    with ``target_valid`` [Q, N] in [SEG] order; padded conversations carry no labels."""
-    q, n, mh, mw = batch["gt_masks"].shape
-    exp_labels = expand_labels(batch["labels"], outputs["text_to_expanded"],
-                               outputs["logits"].shape[1])
-    valid = batch["target_valid"].reshape(-1) & outputs["seg_valid"]
-    pv = pixel_valid_mask(batch["original_hw"], outputs["seg_image"], (mh, mw))
-    return losses_lib.m2sa_loss(
-        outputs["logits"], exp_labels, outputs["mask_logits"],
-        batch["gt_masks"].reshape(q * n, mh, mw), valid, pv, outputs["seg_image"],
-        batch["sam_images"].shape[0], ce_weight=ce_weight, bce_weight=bce_weight,
-        dice_weight=dice_weight)
 
 
 def abstract_params(config: M2SAConfig) -> dict:

@@ -12,20 +12,25 @@ import json
 import math
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2sa_jax import sharding
 from m2sa_jax.data import mixed
 from m2sa_jax.data.mmr import MMRDataset, mmr_split_path
 from m2sa_jax.data.pipeline import BatchShapes
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.train_stream import StreamConfig, TrainStream
 from m2sa_jax.models import lora as lora_lib
-from m2sa_jax.models.m2sa import M2SA
-from m2sa_jax.training import checkpoint as ckpt_lib
-from m2sa_jax.training import optim, setup, sharding
+from m2sa_jax.models.m2sa import M2SA, M2SAConfig
+from m2sa_jax.checkpoints import runs
+from m2sa_jax.checkpoints.runs import RunCheckpoints, abstract_like
+from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from m2sa_jax.training.checkpoint import StopFlag
+from m2sa_jax.training import optim, setup
 from m2sa_jax.training.step import make_train_step
 
 
@@ -36,14 +41,6 @@ DATA_KINDS = ("synthetic", "mmr", "mixture")
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def _lora_cfg(cfg):
-    lc = dict(cfg.train.lora)
-    if not lc.get("rank"):
-        return None
-    return lora_lib.LoraConfig(rank=int(lc["rank"]), alpha=float(lc["alpha"]),
-                               dropout=float(lc["dropout"]), targets=tuple(lc["targets"]))
 
 
 def check_data_kind(cfg) -> str:
@@ -64,8 +61,20 @@ def data_roots(cfg) -> tuple[str, str]:
             cfg.data.get("image_root") or mixed.default_mmr_image_root(cfg.data.root))
 
 
-def build(cfg):
-    """Model config, initial variables, tokenizer and data roots for a config."""
+class Built(NamedTuple):
+    """What a run starts from."""
+
+    config: M2SAConfig
+    params: dict
+    tokenizer: LegacyLlamaTokenizer
+    root: str                   # the MMR split folder (the held-out split is read from there)
+    images: str                 # its image root
+    tokenizer_folder: str
+    source_config: dict         # config.json of the initial checkpoint ({} if none)
+
+
+def build(cfg) -> Built:
+    """Model config, initial parameters, tokenizer and data roots for a config."""
     if check_data_kind(cfg) == "synthetic":
         root, tok_dir = setup.synthetic_data(cfg)
         images = os.path.join(root, "images")
@@ -78,10 +87,11 @@ def build(cfg):
         tokenizer = setup.load_tokenizer(tok_dir, cfg.data.model_max_length)
         config = setup.model_config_from_sizes(cfg, tokenizer.seg_token_id, len(tokenizer))
         params = setup.random_params(config, cfg.seed)
+        source = {}
     else:
-        config, params, tok_dir = setup.init_from_checkpoints(cfg, cfg.seed)
+        config, params, tok_dir, source = setup.init_from_checkpoints(cfg, cfg.seed)
         tokenizer = setup.load_tokenizer(tok_dir, cfg.data.model_max_length)
-    return config, params, tokenizer, root, images
+    return Built(config, params, tokenizer, root, images, tok_dir, source)
 
 
 def batch_shapes(cfg, conversations=None, images=None) -> BatchShapes:
@@ -92,7 +102,7 @@ def batch_shapes(cfg, conversations=None, images=None) -> BatchShapes:
 
 
 def init_state(cfg, config, params, mesh):
-    lora_cfg = _lora_cfg(cfg)
+    lora_cfg = lora_lib.LoraConfig.from_dict(cfg.train.lora)
     variables = {"params": params}
     if lora_cfg is not None:
         variables["lora"] = lora_lib.init(jax.random.key(cfg.seed + 7), params, lora_cfg)
@@ -102,7 +112,7 @@ def init_state(cfg, config, params, mesh):
         labels, lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps,
         total_steps=cfg.train.steps, b1=cfg.train.b1, b2=cfg.train.b2,
         weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm)
-    var_sh = sharding.param_shardings(variables, mesh)
+    var_sh = sharding.param_shardings(variables, mesh, cfg.mesh.rules)
     variables = sharding.put_global(jax.tree.map(lambda x: np.asarray(x, np.float32), variables),
                                     var_sh)
     opt_state = jax.jit(optimizer.init)(variables)
@@ -180,11 +190,16 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
 
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
-    config, params, tokenizer, root, images = build(cfg)
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    built = build(cfg)
+    config, tokenizer, root, images = built.config, built.tokenizer, built.root, built.images
     model = M2SA(config)
-    state, state_sh, optimizer, schedule, labels, lora_cfg = init_state(cfg, config, params, mesh)
-    del params
+    state, state_sh, optimizer, schedule, labels, lora_cfg = init_state(cfg, config,
+                                                                        built.params, mesh)
+    built = built._replace(params=None)
+    if jax.process_index() == 0:     # the workdir describes its model: it loads on its own
+        runs.describe_run(workdir, config, lora_cfg, built.tokenizer_folder,
+                          experiment=cfg.to_dict(), source_config=built.source_config)
     counts = optim.count_by_label(state["variables"], labels)
     weights = dict(ce_weight=cfg.train.ce_weight, bce_weight=cfg.train.bce_weight,
                    dice_weight=cfg.train.dice_weight)
@@ -196,12 +211,12 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
 
     skips = SkipCounter()
     stream = _train_stream(cfg, config, tokenizer, root, images, skips)
-    ckpts = ckpt_lib.RunCheckpoints(os.path.join(workdir, "checkpoints"),
+    ckpts = RunCheckpoints(os.path.join(workdir, "checkpoints"),
                                     keep=cfg.train.keep_checkpoints)
     start_step = 0
     latest = ckpts.latest_step()
     if latest is not None:
-        state, data_state = ckpts.restore(latest, ckpt_lib.abstract_like(state))
+        state, data_state = ckpts.restore(latest, abstract_like(state))
         stream.set_state(data_state)
         start_step = int(state["step"])
         print(f"resumed from {ckpts.directory} at step {start_step}")
@@ -214,7 +229,7 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
                                               None, progress=progress, label="untrained")
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    flag = ckpt_lib.StopFlag()
+    flag = StopFlag()
     losses = []
     log_file = open(os.path.join(workdir, TRAIN_LOG), "a")
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", disable=not progress,
@@ -301,13 +316,14 @@ def evaluate_split(cfg, model, state, config, tokenizer, root, images, overlay_d
                    progress=True, label=""):
     """Teacher-forced gIoU/cIoU on the held-out split, overall and per granularity."""
     from m2sa_jax.evaluation import runner
+    from m2sa_jax.evaluation.report import print_table
 
     dataset = MMRDataset(mmr_split_path(root, cfg.eval.split), images, prompt="val")
     samples = [dataset.sample(i, all_questions=True) for i in range(len(dataset))]
     most = max((len(s.questions) for s in samples), default=1)
     shapes = batch_shapes(cfg, conversations=cfg.eval.images_per_batch * most,
                           images=cfg.eval.images_per_batch)
-    params = merged_params(state, _lora_cfg(cfg))
+    params = merged_params(state, lora_lib.LoraConfig.from_dict(cfg.train.lora))
     forward = runner.make_forward(model)
     metrics, skips, stats = runner.evaluate(
         forward, {"params": params}, samples, tokenizer, shapes, split=cfg.eval.split,
@@ -322,12 +338,3 @@ def evaluate_split(cfg, model, state, config, tokenizer, root, images, overlay_d
         print(f"overlays: {os.path.abspath(overlay_dir)}")
     return dict(metrics=result, stats=stats, skipped=dict(skips.counts))
 
-
-def print_table(result: dict, title: str = "") -> None:
-    if title:
-        print(title)
-    print(f"  {'targets':<8} {'gIoU':>7} {'cIoU':>7} {'masks':>7}")
-    for group in ("all", "object", "part"):
-        r = result.get(group)
-        if r:
-            print(f"  {group:<8} {r['giou']:7.3f} {r['ciou']:7.3f} {r['masks']:7d}")

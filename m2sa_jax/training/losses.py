@@ -11,10 +11,12 @@ divided by ``(N + 1e-8)`` (N = number of masks in the batch), then weighted.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from m2sa_jax.data.types import IGNORE_INDEX
 
 
 def causal_lm_loss(logits, labels):
@@ -80,3 +82,35 @@ def m2sa_loss(logits, labels, mask_logits, gt_masks, valid, pixel_valid, image_i
     terms = {"ce": ce_weight * ce, "bce": bce_weight * bce, "dice": dice_weight * dice}
     total = terms["ce"] + terms["bce"] + terms["dice"]
     return total, {**terms, "mask": terms["bce"] + terms["dice"], "total": total}
+
+
+def expand_labels(labels, text_to_expanded, expanded_len: int):
+    """Text labels [Q, T] → labels of the expanded sequence [Q, E] (image rows are -100)."""
+    q = labels.shape[0]
+    out = jnp.full((q, expanded_len), IGNORE_INDEX, labels.dtype)
+    rows = jnp.arange(q)[:, None]
+    return out.at[rows, text_to_expanded].set(labels)
+
+
+def pixel_valid_mask(original_sizes, seg_image, mask_size):
+    """[M, Hmax, Wmax] bool: inside the original image of each target."""
+    hw = original_sizes[seg_image]                                          # [M, 2]
+    ys = jnp.arange(mask_size[0])[None, :, None] < hw[:, 0, None, None]
+    xs = jnp.arange(mask_size[1])[None, None, :] < hw[:, 1, None, None]
+    return ys & xs
+
+
+def compute_losses(outputs, batch: Mapping[str, Any], *, ce_weight: float, bce_weight: float,
+                   dice_weight: float):
+    """SPEC §4 losses of a forward on a collated batch. Targets are ``gt_masks`` [Q, N, H, W]
+    with ``target_valid`` [Q, N] in [SEG] order; padded conversations carry no labels."""
+    q, n, mh, mw = batch["gt_masks"].shape
+    exp_labels = expand_labels(batch["labels"], outputs["text_to_expanded"],
+                               outputs["logits"].shape[1])
+    valid = batch["target_valid"].reshape(-1) & outputs["seg_valid"]
+    pv = pixel_valid_mask(batch["original_hw"], outputs["seg_image"], (mh, mw))
+    return m2sa_loss(
+        outputs["logits"], exp_labels, outputs["mask_logits"],
+        batch["gt_masks"].reshape(q * n, mh, mw), valid, pv, outputs["seg_image"],
+        batch["sam_images"].shape[0], ce_weight=ce_weight, bce_weight=bce_weight,
+        dice_weight=dice_weight)

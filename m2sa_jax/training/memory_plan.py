@@ -2,7 +2,7 @@
 
 The state (float32 master weights, LoRA factors, Adam moments of the trainable set) and a batch
 are described by ShapeDtypeStructs carrying their shardings (the rules of
-:mod:`m2sa_jax.training.sharding`); the same train step the loop runs
+:mod:`m2sa_jax.sharding`); the same train step the loop runs
 (:func:`m2sa_jax.training.step.make_train_step`, state donated) is lowered and compiled ahead of
 time for the mesh, and ``compiled.memory_analysis()`` gives the per-device buffer sizes of the
 partitioned program. Nothing is allocated, so a 13B plan runs on a laptop's CPU with fake
@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2sa_jax import sharding
 from m2sa_jax.data.pipeline import BatchShapes
 from m2sa_jax.models import lora as lora_lib
 from m2sa_jax.models.m2sa import M2SA, M2SAConfig, abstract_params
-from m2sa_jax.training import optim, setup, sharding
+from m2sa_jax.training import optim, setup
 from m2sa_jax.training.step import make_train_step
 
 GB = 1e9
@@ -41,18 +42,10 @@ def model_config(cfg, vocab_size: int = PAPER_VOCAB, seg_token_id: int = PAPER_S
     return setup.model_config_from_sizes(cfg, seg_token_id, vocab_size)
 
 
-def lora_config(cfg) -> lora_lib.LoraConfig | None:
-    lc = dict(cfg.train.lora)
-    if not lc.get("rank"):
-        return None
-    return lora_lib.LoraConfig(rank=int(lc["rank"]), alpha=float(lc["alpha"]),
-                               dropout=float(lc["dropout"]), targets=tuple(lc["targets"]))
-
-
 def train_parts(cfg, config: M2SAConfig):
     """(abstract variables, labels, optimizer, LoRA config, loss weights) of a config: the same
     pieces ``training.loop`` builds from concrete weights."""
-    lora_cfg = lora_config(cfg)
+    lora_cfg = lora_lib.LoraConfig.from_dict(cfg.train.lora)
     variables = {"params": abstract_params(config)}
     if lora_cfg is not None:
         variables["lora"] = jax.eval_shape(
@@ -149,7 +142,7 @@ def sharded_step(cfg, config: M2SAConfig, mesh, batch: Mapping) -> ShardedStep:
     """``batch``: a host batch or its ShapeDtypeStructs (only shapes and dtypes are read)."""
     variables, labels, optimizer, lora_cfg, weights = train_parts(cfg, config)
     state = abstract_state(variables, optimizer)
-    state_sh = sharding.state_shardings(state, mesh)
+    state_sh = sharding.state_shardings(state, mesh, cfg.mesh.rules)
     accum = int(cfg.train.grad_accum)
     batch = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in batch.items()}
     batch_sh = sharding.batch_sharding(batch, mesh, micro=accum > 1)
@@ -190,7 +183,7 @@ def state_bytes_per_device(cfg, config: M2SAConfig, mesh) -> dict:
     the shardings alone: a check on the compiled argument size."""
     variables, labels, optimizer, _, _ = train_parts(cfg, config)
     state = abstract_state(variables, optimizer)
-    sh = sharding.state_shardings(state, mesh)
+    sh = sharding.state_shardings(state, mesh, cfg.mesh.rules)
     return dict(params=shard_bytes(state["variables"]["params"], sh["variables"]["params"]),
                 lora=shard_bytes(state["variables"].get("lora", {}),
                                  sh["variables"].get("lora", {})),

@@ -1,7 +1,8 @@
 """From an experiment config to the things a run needs: model config, tokenizer, parameters.
 
-Initial weights come from converted checkpoints: a LISA/M²SA directory to continue
-(``model.checkpoint``), or a LLaVA directory plus a SAM directory for a fresh M²SA
+Initial weights come from checkpoints: a LISA/M²SA model to continue (``model.checkpoint``: any
+source the resolver takes — converted directory, PyTorch folder, training workdir, cached
+Hugging Face id), or a LLaVA directory plus a SAM directory for a fresh M²SA
 (``model.llava_checkpoint`` + ``model.sam_checkpoint``; text_hidden_fcs and compress_vit start
 random, the vocabulary grows by the added tokens). ``model.init = "random"`` builds everything
 from the config's sizes (the synthetic demo).
@@ -16,16 +17,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2sa_jax.checkpoints import converted
+from m2sa_jax.checkpoints import llava as llava_ckpt
+from m2sa_jax.checkpoints import sam as sam_ckpt
+from m2sa_jax.checkpoints.resolve import resolve
 from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from m2sa_jax.dtypes import compute_dtype
 from m2sa_jax.models import clip, llama, llava
+from m2sa_jax.models import sam as sam_lib
 from m2sa_jax.models.m2sa import M2SA, M2SAConfig, abstract_params
 from m2sa_jax.models.sam import sam_config
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from m2sa_jax.tree import flatten, unflatten
 
 
 def _compute(cfg):
-    return DTYPES[cfg.model.get("compute_dtype", "float32")]
+    return compute_dtype(cfg.model.get("compute_dtype", "float32"))
 
 
 def model_config_from_sizes(cfg, seg_token_id: int, vocab_size: int) -> M2SAConfig:
@@ -82,24 +88,12 @@ def random_params(config: M2SAConfig, seed: int) -> dict:
     params = dict(params)
     params["llava"] = dict(params["llava"], vision_tower=full_clip["params"])
     # SAM leaves of paths this forward does not take (the mask-prompt convs) from SAM's own init.
-    from m2sa_jax.tree import flatten, unflatten
-    from m2sa_jax.models.sam import init_params as sam_init
-
     flat = flatten(params)
-    for k, v in flatten({"sam": sam_init(s, seed + 2)}).items():
+    for k, v in flatten({"sam": sam_lib.init_params(s, seed + 2)}).items():
         flat.setdefault(k, v)
     params = unflatten(flat)
-    _check_tree(params, shapes)
+    converted.check_tree(params, shapes, "random parameters")
     return params
-
-
-def _check_tree(params, shapes):
-    from m2sa_jax.tree import flatten
-
-    got, want = flatten(params), flatten(shapes)
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or extra:
-        raise ValueError(f"parameter tree mismatch: missing {missing[:10]}, unexpected {extra[:10]}")
 
 
 def extend_rows(table: np.ndarray, new_rows: int) -> np.ndarray:
@@ -119,57 +113,48 @@ def load_tokenizer(folder: str, model_max_length: int | None = None) -> LegacyLl
 
 
 def init_from_checkpoints(cfg, seed: int):
-    """(M2SAConfig, params, tokenizer folder) from converted checkpoints (see module doc)."""
-    from checkpoints_convert.m2sa import meta_to_config
-    from m2sa_jax.params_io import load_meta, load_params
-
+    """(M2SAConfig, float32 host params, tokenizer folder, source config.json) from the
+    checkpoints the config names (see module doc)."""
     if cfg.model.checkpoint:
-        meta = load_meta(cfg.model.checkpoint)
-        if meta.get("model") != "m2sa":
-            raise ValueError(f"model.checkpoint={cfg.model.checkpoint} holds a "
-                             f"{meta.get('model')!r} model; continuing needs a converted LISA/M²SA")
-        config = with_run_options(meta_to_config(meta), cfg)
+        model = resolve(cfg.model.checkpoint, device=False)      # any kind of model source
+        config = with_run_options(model.config, cfg)
         if config.variant != cfg.model.variant:
             config = dataclasses.replace(config, variant=cfg.model.variant)
-        params = load_params(cfg.model.checkpoint)
+        params = model.params
         if cfg.model.variant == "m2sa" and "compress_vit_conv0" not in params["sam"]["mask_decoder"]:
-            fresh = random_params(config, seed)
+            fresh = random_params(config, seed)       # a LISA continued as M²SA: fusion starts new
             params["sam"]["mask_decoder"].update(
                 {k: v for k, v in fresh["sam"]["mask_decoder"].items() if k.startswith("compress_vit")})
-        return config, params, cfg.model.checkpoint
+        return config, params, model.tokenizer_folder, model.meta.get("source_config") or {}
     if not (cfg.model.llava_checkpoint and cfg.model.sam_checkpoint):
-        raise ValueError("set model.checkpoint (a converted LISA/M²SA to continue) or both "
-                         "model.llava_checkpoint and model.sam_checkpoint (a fresh M²SA), or "
-                         "model.init=random")
-    from m2sa_jax.models.sam import SamConfig
-
-    lmeta, smeta = load_meta(cfg.model.llava_checkpoint), load_meta(cfg.model.sam_checkpoint)
+        raise ValueError("set model.checkpoint (a LISA/M²SA model to continue: converted "
+                         "directory, PyTorch folder, training workdir or cached Hugging Face id) "
+                         "or both model.llava_checkpoint and model.sam_checkpoint (a fresh "
+                         "M²SA), or model.init=random")
+    lmeta = converted.load_meta(cfg.model.llava_checkpoint)
+    smeta = converted.load_meta(cfg.model.sam_checkpoint)
     if lmeta.get("model") != "llava" or smeta.get("model") != "sam":
         raise ValueError("model.llava_checkpoint must be a converted LLaVA and "
                          "model.sam_checkpoint a converted SAM")
     tok = load_tokenizer(cfg.model.llava_checkpoint)       # adds [SEG] etc. if missing
-    text = llama.LlamaConfig.from_hf(lmeta["text_config"], scan_layers=lmeta["scan_layers"])
-    text = dataclasses.replace(text, vocab_size=len(tok))
-    vision = clip.CLIPVisionConfig.from_hf(lmeta["vision_config"])
-    lv = llava.LlavaConfig(text=text, vision=vision, projector_type=lmeta["projector_type"],
-                           image_token_index=lmeta["image_token_index"],
-                           vision_feature_layer=lmeta["vision_feature_layer"])
-    sam = SamConfig.from_dict(smeta.get("config") or sam_config(smeta["model_type"]).to_dict())
-    config = with_run_options(M2SAConfig(llava=lv, sam=sam, seg_token_id=tok.seg_token_id,
+    lv = llava_ckpt.meta_to_config(lmeta)
+    lv = dataclasses.replace(lv, text=dataclasses.replace(lv.text, vocab_size=len(tok)))
+    config = with_run_options(M2SAConfig(llava=lv, sam=sam_ckpt.meta_to_config(smeta),
+                                         seg_token_id=tok.seg_token_id,
                                          variant=cfg.model.variant), cfg)
     fresh = random_params(config, seed)
-    llava_params = load_params(cfg.model.llava_checkpoint)
+    llava_params = converted.load_params(cfg.model.llava_checkpoint)
     lm = llava_params["language_model"]
     lm["embed_tokens"]["embedding"] = extend_rows(lm["embed_tokens"]["embedding"], len(tok))
     if "lm_head" in lm:
         lm["lm_head"]["kernel"] = extend_rows(np.asarray(lm["lm_head"]["kernel"]).T, len(tok)).T
-    sam_params = load_params(cfg.model.sam_checkpoint)
+    sam_params = converted.load_params(cfg.model.sam_checkpoint)
     md = sam_params["mask_decoder"]
     for k, v in fresh["sam"]["mask_decoder"].items():
         md.setdefault(k, v)                                   # compress_vit starts random
     params = {"llava": llava_params, "sam": sam_params, "text_hidden_fcs": fresh["text_hidden_fcs"]}
-    _check_tree(params, abstract_params(config))
-    return config, params, cfg.model.llava_checkpoint
+    converted.check_tree(params, abstract_params(config), "initial parameters")
+    return config, params, cfg.model.llava_checkpoint, {}
 
 
 def synthetic_data(cfg) -> tuple[str, str]:

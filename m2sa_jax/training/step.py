@@ -20,7 +20,8 @@ import optax
 
 from m2sa_jax.tree import flatten, unflatten
 from m2sa_jax.models import lora as lora_lib
-from m2sa_jax.models.m2sa import M2SA, compute_losses
+from m2sa_jax.models.m2sa import M2SA
+from m2sa_jax.training.losses import compute_losses
 from m2sa_jax.training.optim import TRAINABLE
 
 

@@ -4,9 +4,9 @@ meshes, written to an .npz for the test to compare.
 Fake CPU devices must be configured before jax is imported, so the tests run this file in a
 fresh interpreter:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py \\
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.support.sharding_worker \\
         meshes OUT.npz 1,1,1 2,4,1 2,1,4 8,1,1
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/sharding_worker.py \\
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m tests.support.sharding_worker \\
         process OUT.npz --process_id 0 --num_processes 2 --port 12345 --mesh 2,2,1
 
 Each mesh runs the training code paths the loop uses: parameters, LoRA factors and Adam moments
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import zlib
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support import CONFIGS
+
 
 VOCAB, SEG = 64, 60
 IMAGES, TOKENS, TARGETS, MASK_HW = 8, 16, 2, (24, 24)
@@ -36,10 +36,10 @@ IMAGES, TOKENS, TARGETS, MASK_HW = 8, 16, 2, (24, 24)
 def tiny_config():
     """The synthetic config shrunk to compile fast, with the paper's trainable set, LoRA with
     dropout, scanned + rematerialised LLM layers and M²SA's compress_vit fusion."""
-    from configs.synthetic import get_config
+    from m2sa_jax import config_file
     from m2sa_jax.training import optim
 
-    c = get_config()
+    c = config_file.load(os.path.join(CONFIGS, "synthetic.py"))
     c.model.llm = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, head_dim=8,
                        max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -120,7 +120,8 @@ def run_step(mesh, memory: bool = False) -> tuple[float, dict]:
     from jax.experimental import multihost_utils
 
     from m2sa_jax.tree import flatten
-    from m2sa_jax.training import memory_plan, sharding
+    from m2sa_jax import sharding
+    from m2sa_jax.training import memory_plan
 
     cfg = tiny_config()
     config = memory_plan.model_config(cfg, VOCAB, SEG)
@@ -166,7 +167,7 @@ def run_step(mesh, memory: bool = False) -> tuple[float, dict]:
 
 
 def mesh_of(spec: str, devices):
-    from m2sa_jax.training import sharding
+    from m2sa_jax import sharding
 
     d, f, t = (int(x) for x in spec.split(","))
     return sharding.make_mesh(d, f, t, devices=devices[:d * f * t])

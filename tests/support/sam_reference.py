@@ -6,11 +6,13 @@ need every parameter non-trivial, so all are refilled from a seeded normal distr
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 
-from checkpoints_convert.sam import convert_sam
-from checkpoints_convert.io import to_numpy
+from m2sa_jax.checkpoints.sam import convert_sam
+from m2sa_jax.checkpoints.torch_io import to_numpy
 from m2sa_jax.models.sam import SamConfig
 
 
@@ -37,7 +39,6 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05,
 
 def torch_sam(cfg: SamConfig, seed: int = 0, std: float = 0.05, decoder_std: float | None = None):
     """segment_anything's Sam for ``cfg`` with random weights (eval mode, float32)."""
-    from functools import partial
 
     from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
                                            TwoWayTransformer)

@@ -15,7 +15,8 @@ import struct
 
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO
+
 VOCAB_DIR = os.path.join(REPO, ".cache", "vocab")
 GGUF_PATH = os.path.join(VOCAB_DIR, "ggml-vocab-llama-spm.gguf")
 

@@ -131,6 +131,7 @@ def convert(
     dtype=None,
     name: str = "checkpoint",
     allocate: Callable[[str, tuple, np.dtype], np.ndarray] | None = None,
+    place: Callable[[str, np.ndarray], object] | None = None,
 ) -> dict:
     """Converts a stream of source tensors into a nested parameter dict.
 
@@ -142,6 +143,9 @@ def convert(
       name: what to call the source in error messages (a file or folder path).
       allocate: optional ``(path, shape, dtype) → array`` that provides each output buffer
         (e.g. a memory-mapped file, for trees larger than RAM); default: in-memory arrays.
+      place: optional ``(path, array) → leaf`` called once per target as soon as it is complete
+        (stacked targets: when their last slice arrives); what it returns is kept instead of
+        the host array, e.g. a device array, so the host copy can be freed right away.
     """
     rules = list(rules)
     shapes = {p: tuple(s.shape) for p, s in flatten(target_shapes).items()}
@@ -183,6 +187,8 @@ def convert(
                 errors.append(f"{key} → {path}[{index}]: filled twice")
             out[path][index] = arr
             filled[path].add(index)
+            if place is not None and len(filled[path]) == want[0]:
+                out[path] = place(path, out[path])
         else:
             if tuple(arr.shape) != want:
                 errors.append(f"{key} → {path}: shape {tuple(arr.shape)}, expected {want}")
@@ -194,6 +200,9 @@ def convert(
             else:
                 out[path] = allocate(path, want, arr.dtype)
                 out[path][...] = arr
+            if place is not None:
+                out[path] = place(path, out[path])
+            del arr
 
     missing = [p for p in shapes if p not in out]
     missing += [f"{p}[{i}]" for p, idx in filled.items()

@@ -1,15 +1,18 @@
 """Sharding by rules: a (data, fsdp, tensor) device mesh, logical axis names for parameters from
-one table of path patterns, and one table mapping logical names to mesh axes.
+one table of path patterns, and a table mapping logical names to mesh axes, chosen by name
+(``config.mesh.rules``, one of :data:`RULES`).
 
 * Parameters (and their LoRA factors and Adam moments) are laid out by :func:`param_shardings`
   / :func:`state_shardings`: a tree of NamedShardings that loaded weights are put into
   (:func:`put_global`), that jitted initialisers write into (``jax.jit(optimizer.init,
   out_shardings=...)``), that the checkpoint restore targets, and that the donated train step
   takes and returns unchanged.
-* ``fsdp`` shards the model dimension ("embed") of every large matrix — the LLM, the CLIP tower
-  and the SAM ViT — so frozen weights, trainable weights and Adam moments are all split; XLA
-  gathers a layer's weights where it is used. ``tensor`` splits heads / MLP width / vocabulary
-  (Megatron-style). ``data`` replicates.
+* Under the ``"fsdp_tensor"`` rules (every config's), ``fsdp`` shards the model dimension
+  ("embed") of every large matrix — the LLM, the CLIP tower and the SAM ViT — so frozen
+  weights, trainable weights and Adam moments are all split; XLA gathers a layer's weights
+  where it is used. ``tensor`` splits heads / MLP width / vocabulary (Megatron-style). ``data``
+  replicates. ``"fsdp"`` leaves out the tensor split; ``"replicated"`` shards no parameter
+  (pure data parallelism).
 * Batches are split along their leading (example) axis over (data, fsdp); with gradient
   accumulation the leading axis is the micro-batch axis and the second is split.
 * A dimension is sharded only when the mesh axis divides it; otherwise it stays replicated
@@ -67,10 +70,14 @@ PARAM_RULES: Sequence[tuple[str, tuple[str | None, ...]]] = (
     (r".*text_hidden_fcs/dense_2/kernel", ("embed", None)),
 )
 
-# Logical name → mesh axis (None: replicated).
-LOGICAL_TO_MESH: Mapping[str, str | None] = {
-    "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "mlp": "tensor", "batch": "data",
+# The logical-axis rules by name: logical name → mesh axis (absent or None: replicated).
+RULES: Mapping[str, Mapping[str, str | None]] = {
+    "fsdp_tensor": {"vocab": "tensor", "embed": "fsdp", "heads": "tensor", "mlp": "tensor",
+                    "batch": "data"},
+    "fsdp": {"embed": "fsdp", "batch": "data"},
+    "replicated": {"batch": "data"},
 }
+DEFAULT_RULES = "fsdp_tensor"
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -94,6 +101,20 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def mesh_from_config(mesh_cfg: Mapping, devices=None) -> Mesh:
+    """:func:`make_mesh` from a config's ``mesh`` (its sizes; ``rules`` is read by the
+    shardings)."""
+    return make_mesh(mesh_cfg["data"], mesh_cfg["fsdp"], mesh_cfg["tensor"], devices=devices)
+
+
+def rules_named(name: str) -> Mapping[str, str | None]:
+    """The logical-axis rules table registered as ``name``."""
+    if name not in RULES:
+        raise ValueError(f"config.mesh.rules={name!r}: unknown sharding rules; choose one of "
+                         f"{', '.join(RULES)}")
+    return RULES[name]
+
+
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     """Logical names of a leaf's dimensions (leading scan axes and unmatched leaves: None)."""
     for pattern, names in PARAM_RULES:
@@ -105,19 +126,22 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     return (None,) * ndim
 
 
-def spec_for(path: str, shape, mesh: Mesh) -> P:
+def spec_for(path: str, shape, mesh: Mesh, rules: str = DEFAULT_RULES) -> P:
+    """The PartitionSpec of one parameter under the named rules (a mesh axis that does not
+    divide its dimension is dropped)."""
+    table = rules_named(rules)
     axes = []
     for name, dim in zip(logical_axes(path, len(shape)), shape):
-        axis = LOGICAL_TO_MESH.get(name) if name else None
+        axis = table.get(name) if name else None
         if axis is not None and (mesh.shape[axis] == 1 or dim % mesh.shape[axis]):
             axis = None
         axes.append(axis)
     return P(*axes)
 
 
-def param_shardings(tree: Mapping, mesh: Mesh) -> dict:
+def param_shardings(tree: Mapping, mesh: Mesh, rules: str = DEFAULT_RULES) -> dict:
     """NamedSharding per leaf of a (possibly abstract) variables tree ({"params", "lora"})."""
-    return unflatten({p: NamedSharding(mesh, spec_for(p, np.shape(v), mesh))
+    return unflatten({p: NamedSharding(mesh, spec_for(p, np.shape(v), mesh, rules))
                       for p, v in flatten(tree).items()})
 
 
@@ -143,10 +167,10 @@ def opt_state_shardings(opt_state, variables: Mapping, var_shardings: Mapping, m
     return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
-def state_shardings(state: Mapping, mesh: Mesh) -> dict:
+def state_shardings(state: Mapping, mesh: Mesh, rules: str = DEFAULT_RULES) -> dict:
     """The explicit layout of a train state ``{step, variables, opt_state, rng, nonfinite}``
     (abstract or live): the jitted init's out_shardings and the step's in/out shardings."""
-    var_sh = param_shardings(state["variables"], mesh)
+    var_sh = param_shardings(state["variables"], mesh, rules)
     rep = replicated(mesh)
     return dict(step=rep, variables=var_sh, rng=rep, nonfinite=rep,
                 opt_state=opt_state_shardings(state["opt_state"], state["variables"], var_sh,

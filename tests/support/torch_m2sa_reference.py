@@ -10,6 +10,8 @@ released LISA/M²SA Hugging Face folders (SPEC §7), so it doubles as a checkpoi
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -131,9 +133,12 @@ class TorchM2SA(nn.Module):
         inputs_embeds = self.embed(input_ids, rows)
         n_extra = self.num_image_rows - 1
         attn = torch.cat([attention_mask[:, :1].expand(-1, n_extra), attention_mask], 1)
-        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attn,
-                       output_hidden_states=True)
-        last = out.hidden_states[-1]                                       # [Q, T', d]
+        # The last hidden state (after the final norm: LISA's output_hidden_states[-1]) and the
+        # logits, without output_hidden_states: transformers 5 captures hidden states with hooks
+        # installed on the first such call on every matching submodule of the decoder — which
+        # here holds the CLIP tower too — and later calls then come out wrong.
+        last = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attn).last_hidden_state
+        out = types.SimpleNamespace(logits=self.llm.lm_head(last))         # [Q, T', V]
 
         # The hidden state of the token before each [SEG], in the expanded sequence.
         seg_mask = input_ids[:, 1:] == self.seg_token_id

@@ -25,7 +25,7 @@ def write_answering_model(src: str, dst: str, contexts, answer: str, margin: flo
     import m2sa_jax
     from m2sa_jax.data import preprocess
     from m2sa_jax.models.m2sa import M2SA
-    from m2sa_jax.params_io import load_meta, save_params
+    from m2sa_jax.checkpoints.converted import load_meta, save_params
 
     pred = m2sa_jax.load(src)
     tok, cfg, model = pred.tokenizer, pred.config, pred.model

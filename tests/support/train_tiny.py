@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from m2sa_jax import config_file
+from tests.support import CONFIGS, REPO
 
 OVERRIDES = {
     "data.train_images": 8,
@@ -64,12 +63,7 @@ def flags(data_root: str, **extra) -> list[str]:
 
 def config(data_root: str, **extra):
     """The same run's config, built in-process (``extra`` keys use '__' for '.')."""
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import synthetic
-    finally:
-        sys.path.pop(0)
-    cfg = synthetic.get_config("ci")
+    cfg = config_file.load(os.path.join(CONFIGS, "synthetic.py") + ":ci")
     items = {**OVERRIDES, "data.root": data_root,
              **{k.replace("__", "."): v for k, v in extra.items()}}
     for key, value in items.items():
@@ -83,7 +77,7 @@ def config(data_root: str, **extra):
 
 def train_command(workdir: str, data_root: str, **extra) -> list[str]:
     return [sys.executable, os.path.join(REPO, "train.py"),
-            "--config", os.path.join(REPO, "configs", "synthetic.py") + ":ci",
+            "--config", os.path.join(CONFIGS, "synthetic.py") + ":ci",
             "--workdir", workdir, *flags(data_root, **extra)]
 
 
@@ -93,6 +87,5 @@ def env(cache_dir: str) -> dict:
     out = dict(os.environ)
     out.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""))
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return out

@@ -52,7 +52,10 @@ from PIL import Image
 from m2sa_jax.data import templates
 from m2sa_jax.data.conversation import validation_answer, validation_question
 from m2sa_jax.data.images import image_size
+from m2sa_jax.data.mmr import MMRDataset
+from m2sa_jax.data.refer import Refer
 from m2sa_jax.data.skips import SkipCounter
+from m2sa_jax.data.sources.common import coco_mask
 from m2sa_jax.data.types import SEG_TOKEN, BadRecord, MaskRef, Sample
 
 MMR_SPLITS = {
@@ -92,8 +95,6 @@ def mmr(mmr_root: str, image_root: str, split: str = "val", strict: bool = False
     """
     if split not in MMR_SPLITS:
         raise ValueError(f"MMR split {split!r} is not one of {sorted(MMR_SPLITS)}")
-    from m2sa_jax.data.mmr import MMRDataset
-
     dataset = MMRDataset(os.path.join(mmr_root, MMR_SPLITS[split]), image_root, prompt="raw",
                          strict=strict, **reader_kwargs)
     samples = [_with_eval_turns(dataset.sample(i, all_questions=True)) for i in range(len(dataset))]
@@ -137,7 +138,7 @@ def _reason_seg_polygons(shapes: Any) -> list[tuple[np.ndarray, int]]:
 
 def reason_seg_label_map(shapes: Any, height: int, width: int) -> np.ndarray:
     """LISA's ReasonSeg ground truth: uint8 [H, W], 1 = target, 255 = ignore, 0 = background."""
-    import cv2
+    import cv2  # LISA's drawing routines; only ReasonSeg needs OpenCV
 
     polys = _reason_seg_polygons(shapes)
     areas = []
@@ -212,8 +213,6 @@ def reason_seg(split_dir: str, strict: bool = False) -> tuple[list[Sample], Skip
 # ------------------------------------------------------------------------- REFER datasets
 
 def _open_refer(data_root: str, dataset: str, split_by: str | None, image_dir: str | None):
-    from m2sa_jax.data.refer import Refer
-
     return Refer(data_root, dataset, split_by=split_by, image_dir=image_dir)
 
 
@@ -339,8 +338,6 @@ def multi_target_referring(data_root: str, dataset: str = "refcoco", split: str 
     """
     if protocol not in ("paper", "released"):
         raise ValueError(f"multi_target_referring: protocol {protocol!r} is not 'paper' or 'released'")
-    from m2sa_jax.data.sources.common import coco_mask
-
     refer = _open_refer(data_root, dataset, split_by, image_dir)
     skips = SkipCounter(strict=strict)
     samples = []

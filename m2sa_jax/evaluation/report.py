@@ -1,0 +1,34 @@
+"""The printed results of an evaluation: gIoU / cIoU per granularity, and eval.py's summary."""
+
+from __future__ import annotations
+
+GROUPS = ("all", "object", "part")
+
+
+def print_table(metrics: dict, title: str = "") -> None:
+    """gIoU, cIoU and mask count of each granularity present in ``metrics`` (one split's
+    ``SegmentationMetrics.result()``)."""
+    if title:
+        print(title)
+    print(f"  {'targets':<8} {'gIoU':>7} {'cIoU':>7} {'masks':>7}")
+    for group in GROUPS:
+        r = metrics.get(group)
+        if r:
+            print(f"  {group:<8} {r['giou']:7.4f} {r['ciou']:7.4f} {r['masks']:7d}")
+
+
+def print_summary(s: dict) -> None:
+    """eval.py's summary (what :func:`m2sa_jax.evaluation.runner.run` returns): the table, the
+    counts, the generate protocol's answer statistics and the skipped records."""
+    print_table(s["metrics"], f"{s['dataset']} {s['split']} ({s['protocol'].replace('_', '-')}), "
+                              f"{s['checkpoint']}")
+    c = s["counts"]
+    print(f"  images {c['images']}, questions {c['questions']}, masks {c['masks']}; "
+          f"{s['samples_per_s']:.2f} questions/s")
+    g = s.get("generate")
+    if g:
+        print(f"  generated answers: {g['exact']} with as many [SEG] as targets, {g['fewer']} "
+              f"fewer ({g['missing_masks']} targets scored as empty), {g['more']} more "
+              f"({g['extra_masks']} extra masks, not scored)")
+    if s["skipped"]:
+        print("  skipped records: " + ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())))

@@ -1,0 +1,1 @@
+"""The test suite (``tests.support``: helpers shared with ``bench/``)."""
