@@ -1,0 +1,1 @@
+"""Inference for users and services: the fixed-shape batched segmenter and the web server."""
