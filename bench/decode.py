@@ -39,7 +39,7 @@ def main() -> None:
     from m2sa_jax import quantization
     from m2sa_jax.checkpoints import llava as convert_llava
     from m2sa_jax.checkpoints.table import convert
-    from m2sa_jax.evaluation.decode import Generator
+    from m2sa_jax.inference.decode import Generator
     from m2sa_jax.models import llama
 
     torch.manual_seed(0)

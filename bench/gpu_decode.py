@@ -85,7 +85,7 @@ def run_jax(args, scheme: str = "bf16") -> list[dict]:
     import numpy as np
 
     from m2sa_jax import quantization
-    from m2sa_jax.evaluation.decode import Generator
+    from m2sa_jax.inference.decode import Generator
     from m2sa_jax.models import llama
 
     shape = TINY if args.tiny else SEVEN_B

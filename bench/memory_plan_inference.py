@@ -52,7 +52,7 @@ def plan_row(name: str, scheme: str, vision: bool, *, prompt_tokens: int = 64,
     import jax.numpy as jnp
 
     from m2sa_jax import quantization as Q
-    from m2sa_jax.evaluation.decode import Generator, bucket_length
+    from m2sa_jax.inference.decode import Generator, bucket_length
     from m2sa_jax.models.m2sa import M2SA, abstract_params
     from m2sa_jax.training import memory_plan
 

@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 def _examples(checkpoint: str | None, tmp: str) -> list[tuple[bytes, str]]:
     from m2sa_jax.data import synthetic
-    from m2sa_jax.inference.server import examples_from, find_examples
+    from m2sa_jax.inference.service import examples_from, find_examples
 
     pairs = find_examples(checkpoint)[0] if checkpoint else []
     if not pairs:

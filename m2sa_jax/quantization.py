@@ -29,7 +29,7 @@ applies the per-layer axes to the stacked array and yields scales ``[1, in, 1]``
 ``[L, 1, out]``, and the scanned forward then fails with "scan got `length` argument of L which
 disagrees with leading axis sizes [..., 1, ...]". Here stacked axes are channelwise.)
 
-Stored form (:func:`save` / :func:`restore`): a converted directory (``params/`` orbax tree +
+Stored form (:mod:`m2sa_jax.checkpoints.quantized`: ``save`` / ``restore``): a converted directory (``params/`` orbax tree +
 ``m2sa_meta.json``) whose quantized kernels are ``{"qvalue": int8|int4, "scale": float}``
 sub-trees and whose metadata has ``"quantization": {"scheme", "parts", "group_size"}``.
 Restoring it reads the integer values and scales as stored: no float copy of those weights is
@@ -164,7 +164,7 @@ def _module_path(param_path: str) -> str:
     return param_path.rsplit("/", 1)[0] if "/" in param_path else ""
 
 
-def _targets(flat: Mapping[str, Any], spec: QuantSpec) -> list[str]:
+def target_paths(flat: Mapping[str, Any], spec: QuantSpec) -> list[str]:
     rx = re.compile(spec.pattern)
     return [p for p in flat if p.endswith("/kernel") and rx.fullmatch(_module_path(p))]
 
@@ -176,7 +176,7 @@ def _part_of(module_path: str) -> str | None:
     return None
 
 
-def _group(spec: QuantSpec, in_features: int, path: str) -> int | None:
+def group_size_for(spec: QuantSpec, in_features: int, path: str) -> int | None:
     if spec.group_size is None:
         return None
     if in_features % spec.group_size:
@@ -187,7 +187,7 @@ def _group(spec: QuantSpec, in_features: int, path: str) -> int | None:
     return spec.group_size
 
 
-def _how(spec: QuantSpec, group: int | None) -> HowToQuantize:
+def how_to_quantize(spec: QuantSpec, group: int | None) -> HowToQuantize:
     """What qwix's PTQ init records for a Dense kernel ``[in, out]``: contracting axis 0,
     channelwise axis 1, axis 0 tiled into groups for int4."""
     return HowToQuantize(qtype=spec.qtype, channelwise_axes=[1],
@@ -248,7 +248,7 @@ def quantize_params(params, quantize, *, vision: bool = False, group_size: int |
             f"as {spec.describe()} (re-quantizing rounded weights compounds the error). Start "
             f"from the float checkpoint instead, or use the tree as it is.")
     flat = flatten(params)
-    targets = _targets(flat, spec)
+    targets = target_paths(flat, spec)
     missing = [p for p in spec.parts
                if not any(_part_of(_module_path(t)) == p for t in targets)]
     if missing:
@@ -258,7 +258,7 @@ def quantize_params(params, quantize, *, vision: bool = False, group_size: int |
     out = dict(flat)
     for path in targets:
         kernel = flat[path]
-        group = _group(spec, kernel.shape[-2], path)
+        group = group_size_for(spec, kernel.shape[-2], path)
         sd = jnp.dtype(scale_dtype or kernel.dtype)
         if isinstance(kernel, jax.ShapeDtypeStruct):
             q = jax.eval_shape(functools.partial(_quantize_kernel, qtype=spec.qtype,
@@ -266,7 +266,7 @@ def quantize_params(params, quantize, *, vision: bool = False, group_size: int |
         else:
             q = _quantize_kernel(jnp.asarray(kernel), qtype=spec.qtype, group=group,
                                  scale_dtype=sd)
-        out[path] = WithAux(q, _how(spec, group))
+        out[path] = WithAux(q, how_to_quantize(spec, group))
     return unflatten(out)
 
 
@@ -335,105 +335,3 @@ def quantize_model(model: nn.Module, quantize, *, vision: bool = False) -> nn.Mo
         return model
     return qwix.quantize_model(model, qwix.PtqProvider(spec.rules()),
                                methods=_public_methods(type(model)))
-
-
-# --- storage ------------------------------------------------------------------------------
-
-def to_stored(params) -> dict:
-    """Quantized leaves → ``{"qvalue", "scale"}`` sub-trees of plain arrays (orbax-savable)."""
-    def one(x):
-        if is_quantized_leaf(x):
-            return {"qvalue": x.array.qvalue, "scale": x.array.scale}
-        return x
-
-    return jax.tree.map(one, params, is_leaf=is_quantized_leaf)
-
-
-def from_stored(stored, spec: QuantSpec, *, source: str = "the parameters"):
-    """Inverse of :func:`to_stored`, checked against ``spec``: every layer the spec quantizes
-    must be stored quantized (values of the scheme's type, scales of the matching shape), and
-    nothing else."""
-    flat = flatten(stored)
-    quantized = {p.rsplit("/", 1)[0] for p in flat if p.endswith("/qvalue")}
-    kernels = {p: None for p in quantized}
-    expected = set(_targets(kernels, spec))
-    if quantized != expected or not expected:
-        raise ValueError(
-            f"{source}: the stored quantized layers do not match {spec.describe()}: "
-            f"missing {sorted(expected - quantized)[:5]}, unexpected "
-            f"{sorted(quantized - expected)[:5]}{'' if expected else ' (none stored)'}")
-    out = {p: v for p, v in flat.items()
-           if not (p.endswith("/qvalue") or p.endswith("/scale")) or
-           p.rsplit("/", 1)[0] not in quantized}
-    want = jnp.dtype(spec.qtype)
-    for path in sorted(quantized):
-        qvalue, scale = flat[path + "/qvalue"], flat[path + "/scale"]
-        group = _group(spec, qvalue.shape[-2], path)
-        rows = qvalue.shape[-2] // group if group else 1
-        ok_scale = tuple(scale.shape) == tuple(qvalue.shape[:-2]) + (rows, qvalue.shape[-1])
-        if jnp.dtype(qvalue.dtype) != want or not ok_scale:
-            raise ValueError(f"{source}: {path} holds {qvalue.dtype} {tuple(qvalue.shape)} "
-                             f"values with {tuple(scale.shape)} scales, not {spec.describe()}")
-        out[path] = WithAux(QArray(jnp.asarray(qvalue), jnp.asarray(scale), qtype=want),
-                            _how(spec, group))
-    return unflatten(out)
-
-
-def save(directory: str, params, meta: Mapping[str, Any]) -> str:
-    """A quantized tree as a converted directory: ``params/`` (orbax) + ``m2sa_meta.json``
-    with ``meta`` plus ``"quantization"``."""
-    from m2sa_jax.params_io import save_params
-
-    spec = spec_of(params)
-    if spec is None:
-        raise ValueError("save(): the parameters are not quantized; use "
-                         "m2sa_jax.params_io.save_params for float trees")
-    return save_params(directory, to_stored(params), {**dict(meta), META_KEY: spec.to_meta()})
-
-
-def stored_spec(meta: Mapping[str, Any]) -> QuantSpec | None:
-    """The QuantSpec a directory's metadata records (None for float weights)."""
-    return QuantSpec.from_meta(meta[META_KEY]) if meta.get(META_KEY) else None
-
-
-def check_request(directory: str, meta: Mapping[str, Any], quantize, *, vision: bool = False
-                  ) -> QuantSpec | None:
-    """What loading ``directory`` with ``quantize`` gives: the stored spec, or the requested
-    one for float weights. A stored tree quantized another way is refused; the same way is a
-    no-op that says so."""
-    requested = as_spec(quantize, vision=vision)
-    held = stored_spec(meta)
-    if held is None or requested is None:
-        return held or requested
-    if requested != held:
-        raise ValueError(
-            f"{directory}: the weights are stored quantized as {held.describe()}; they cannot "
-            f"be loaded as {requested.describe()} (that would re-quantize rounded weights). "
-            f"Load it without quantize (or with quantize={held.scheme!r}), or quantize the "
-            f"float checkpoint: python -m checkpoints_convert m2sa --src HF_FOLDER --dst NEW_DIR "
-            f"--quantize {requested.scheme}")
-    warnings.warn(f"{directory}: already quantized as {held.describe()}; loading it as stored",
-                  stacklevel=2)
-    return held
-
-
-def restore(directory: str, *, quantize=None, vision: bool = False, scale_dtype=None):
-    """(params, spec, meta) of a converted directory.
-
-    A directory stored quantized is restored as stored (integer values + scales, never a float
-    copy of those weights); ``quantize`` must then name its scheme or be None. A float directory
-    with ``quantize`` is restored and then quantized (float weights materialise once, in host
-    memory, before their integer form replaces them; ``scale_dtype`` as in
-    :func:`quantize_params`).
-    """
-    from m2sa_jax.params_io import load_meta, load_params
-
-    meta = load_meta(directory)
-    spec = check_request(directory, meta, quantize, vision=vision)
-    params = load_params(directory)
-    held = stored_spec(meta)
-    if held is not None:
-        params = from_stored(params, held, source=directory)
-    elif spec is not None:
-        params = quantize_params(params, spec, scale_dtype=scale_dtype)
-    return params, spec, meta

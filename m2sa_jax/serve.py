@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     import m2sa_jax
-    from m2sa_jax.inference.server import ServeSettings, Service, create_app, find_examples
+    from m2sa_jax.inference.server import create_app
+    from m2sa_jax.inference.service import ServeSettings, Service, find_examples
 
     if not os.path.exists(args.checkpoint):
         hint = (" Train it first with `bash scripts/demo.sh`, or pass --checkpoint."

@@ -31,6 +31,7 @@ def trained_ci_run(tmp_path_factory):
     cores) trained once per test session through the real loop; the tests that need a trained
     model share it. Returns the workdir, the data root, the config and the run's summary."""
     from m2sa_jax import config_file
+    from m2sa_jax.evaluation.teacher_forced import split_evaluator
     from m2sa_jax.training.loop import train
     from tests.support import CONFIGS
 
@@ -38,5 +39,5 @@ def trained_ci_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ci_run")
     cfg.data.root = str(tmp / "data")
     cfg.workdir = str(tmp / "run")
-    summary = train(cfg, cfg.workdir, progress=False)
+    summary = train(cfg, cfg.workdir, evaluator=split_evaluator(cfg), progress=False)
     return dict(workdir=cfg.workdir, data_root=cfg.data.root, cfg=cfg, summary=summary)

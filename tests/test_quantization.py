@@ -42,7 +42,8 @@ import optax
 import pytest
 
 from m2sa_jax import quantization as Q
-from m2sa_jax.evaluation.decode import Generator
+from m2sa_jax.checkpoints import quantized as QS
+from m2sa_jax.inference.decode import Generator
 from m2sa_jax.models import llama
 
 VOCAB, ALPHABET = 512, 48
@@ -231,11 +232,11 @@ def test_save_restore_never_materialises_float_weights(trained_llama, tmp_path):
     config, params, prompts = trained_llama
     q4 = Q.quantize_params(params, "int4")
     d = str(tmp_path / "q4")
-    Q.save(d, q4, {"model": "llama"})
+    QS.save(d, q4, {"model": "llama"})
     meta = json.load(open(os.path.join(d, "m2sa_meta.json")))
     assert meta["quantization"] == dict(scheme="int4", parts=["llm"], group_size=128,
                                         format_version=1)
-    restored, spec, _ = Q.restore(d)
+    restored, spec, _ = QS.restore(d)
     assert spec == Q.as_spec("int4")
     flat = _flat(restored)
     kernels = {p: v for p, v in flat.items() if Q.is_quantized_leaf(v)}
@@ -254,17 +255,17 @@ def test_save_restore_never_materialises_float_weights(trained_llama, tmp_path):
 
     with pytest.raises(ValueError, match=r"q4: the weights are stored quantized as int4 .*"
                                          r"cannot be loaded as int8.*--quantize int8"):
-        Q.restore(d, quantize="int8")
+        QS.restore(d, quantize="int8")
     with pytest.warns(UserWarning, match="already quantized as int4"):
-        Q.restore(d, quantize="int4")
+        QS.restore(d, quantize="int4")
     with pytest.raises(ValueError, match="not a quantization scheme"):
-        Q.restore(d, quantize="fp8")
+        QS.restore(d, quantize="fp8")
 
-    from m2sa_jax.params_io import save_params
+    from m2sa_jax.checkpoints.converted import save_params
 
     f = str(tmp_path / "float")
     save_params(f, params, {"model": "llama"})
-    quantized, spec, _ = Q.restore(f, quantize="int8")        # float directory: quantized now
+    quantized, spec, _ = QS.restore(f, quantize="int8")        # float directory: quantized now
     assert spec == Q.as_spec("int8") and Q.spec_of(quantized) == spec
 
 
@@ -273,19 +274,19 @@ def test_save_restore_never_materialises_float_weights(trained_llama, tmp_path):
 @pytest.fixture(scope="module")
 def ci_giou(trained_ci_run):
     """gIoU of the CI model on its val split, teacher-forced, with quantized weights: the same
-    runner.evaluate that scored the float32 model at the end of its training run."""
-    from m2sa_jax.evaluation import runner
+    teacher_forced.evaluate that scored the float32 model at the end of its training run."""
+    from m2sa_jax.evaluation import run, teacher_forced
     from m2sa_jax.models.m2sa import M2SA
 
     cfg = trained_ci_run["cfg"]
-    config, params, tokenizer, _ = runner.load_model(cfg)
-    samples, _ = runner.load_samples(cfg)
-    shapes = runner.eval_shapes(cfg, samples, 1)
+    config, params, tokenizer, _ = run.load_model(cfg)
+    samples, _ = run.load_samples(cfg)
+    shapes = run.eval_shapes(cfg, samples, 1)
 
     def giou(quantize, vision=False):
         spec = Q.as_spec(quantize, vision=vision)
-        metrics, _, _ = runner.evaluate(
-            runner.make_forward(Q.quantize_model(M2SA(config), spec)),
+        metrics, _, _ = teacher_forced.evaluate(
+            teacher_forced.make_forward(Q.quantize_model(M2SA(config), spec)),
             {"params": Q.quantize_params(params, spec)}, samples, tokenizer, shapes,
             split="val", sam_size=config.sam.img_size, clip_size=config.llava.vision.image_size,
             progress=False)

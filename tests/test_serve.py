@@ -34,7 +34,8 @@ from skimage import data
 import m2sa_jax
 from checkpoints_convert.__main__ import main as convert_main
 from m2sa_jax.inference.engine import CompileCounter
-from m2sa_jax.inference.server import ServeSettings, Service, create_app, find_examples
+from m2sa_jax.inference.server import create_app
+from m2sa_jax.inference.service import ServeSettings, Service, find_examples
 from m2sa_jax.models import sam as sam_lib
 from tests.support.m2sa_helpers import write_tiny_m2sa_folder
 from tests.support.serve_helpers import write_answering_model

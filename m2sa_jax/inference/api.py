@@ -24,7 +24,7 @@ from m2sa_jax.inference.engine import InputError
 from m2sa_jax.inference.formats import MASK_FORMATS, decode_upload, mask_records
 
 if TYPE_CHECKING:
-    from m2sa_jax.inference.server import Service
+    from m2sa_jax.inference.service import Service
 
 
 class ApiError(Exception):

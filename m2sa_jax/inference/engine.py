@@ -33,7 +33,7 @@ from m2sa_jax.data import preprocess
 from m2sa_jax.data.tokenizer import IMAGE_TOKEN_INDEX
 from m2sa_jax.models import sam as sam_lib
 from m2sa_jax.models.m2sa import M2SA
-from m2sa_jax.pipeline import mask_labels
+from m2sa_jax.inference.predictor import mask_labels
 
 DEFAULT_MAX_QUESTION_CHARS = 2000   # refused before tokenizing
 

@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from m2sa_jax.data.images import _to_rgb_uint8
 from m2sa_jax.data.types import SEG_TOKEN
 from m2sa_jax.inference.engine import InputError, Segmented
-from m2sa_jax.overlay import PALETTE
+from m2sa_jax.inference.overlay import PALETTE
 
 MASK_FORMATS = ("rle", "png", "none")
 

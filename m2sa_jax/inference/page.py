@@ -21,10 +21,10 @@ from m2sa_jax.inference.batching import QueueFull, RequestTimeout
 from m2sa_jax.inference.engine import InputError
 from m2sa_jax.inference.formats import (answer_spans, coco_annotations, decode_upload,
                                         mask_colour, masks_zip)
-from m2sa_jax.overlay import overlay
+from m2sa_jax.inference.overlay import overlay
 
 if TYPE_CHECKING:
-    from m2sa_jax.inference.server import Service
+    from m2sa_jax.inference.service import Service
 
 TOY_NOTICE = ("**A toy model.** This is the README demo's M²SA, trained from scratch for about "
               "ten minutes on drawings of cups, lamps, chairs, bottles and cars in flat colours. "

@@ -33,7 +33,7 @@ from m2sa_jax.data import conversation, preprocess
 from m2sa_jax.data.images import _to_rgb_uint8, load_rgb
 from m2sa_jax.data.tokenizer import IMAGE_TOKEN_INDEX, LegacyLlamaTokenizer
 from m2sa_jax.data.types import IMAGE_TOKEN, SEG_TOKEN, BadRecord
-from m2sa_jax.evaluation.decode import Generator, bucket_length
+from m2sa_jax.inference.decode import Generator, bucket_length
 from m2sa_jax.models.m2sa import M2SA, M2SAConfig
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000   # masks are returned at full size: [N, H, W] per answer
