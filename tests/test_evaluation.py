@@ -163,7 +163,7 @@ def test_eval_cli_on_fixture_mmr_equals_direct_computation(fixture):
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
     assert "gIoU" in proc.stdout and "cIoU" in proc.stdout
-    summary = json.loads((out / "metrics_mmr_val_tf.json").read_text())
+    summary = json.loads((out / "metrics_mmr_val_teacher_forced.json").read_text())
     assert summary["skipped"] == {"seg_count": 1, "missing_image": 1}
     samples = fixture["samples"]
     assert summary["counts"] == {"images": len(samples),
@@ -394,7 +394,7 @@ def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
     summary = json.loads((tmp_path / "run" / "eval" /
-                          "metrics_mmr_val_tf.json").read_text())
+                          "metrics_mmr_val_teacher_forced.json").read_text())
     assert summary["checkpoint"].endswith("step 3")
     assert summary["counts"]["images"] == 3 and summary["metrics"]["all"]["masks"] > 0
     assert summary["skipped"] == {}
