@@ -2,6 +2,7 @@
 
     python -m checkpoints_convert m2sa --src M2SA-7B/ --dst converted/m2sa_7b [--dtype bfloat16]
     python -m checkpoints_convert m2sa --src M2SA-7B/ --vision-tower clip-vit-large-patch14/ --dst ...
+    python -m checkpoints_convert m2sa --src M2SA-7B/ --dst converted/m2sa_7b_int8 --quantize int8
     python -m checkpoints_convert m2sa --export --src converted/m2sa_7b --dst M2SA-7B-back/
 
 Released folders carry no CLIP weights; the tower comes from --vision-tower or config.json's
@@ -24,7 +25,8 @@ def _main(args) -> int:
     else:
         out = m2sa_ckpt.convert_to_directory(args.src, args.dst, scan=args.scan, dtype=args.dtype,
                                              vision_tower=args.vision_tower,
-                                             overwrite=args.overwrite)
+                                             overwrite=args.overwrite, quantize=args.quantize,
+                                             quantize_vision=args.quantize_vision)
     print(f"{'exported' if args.export else 'converted'} {args.src} → {out}")
     return 0
 
@@ -43,6 +45,11 @@ def add_parser(subparsers) -> None:
                         "mm_vision_tower)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the contents of a non-empty --dst")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="store the LLM's linear layers quantized (weight-only): the directory "
+                        "then loads without float weights, e.g. a 7B in ~7.5 GB with int8")
+    p.add_argument("--quantize-vision", action="store_true",
+                   help="with --quantize: also CLIP's and SAM's ViT linear layers")
     p.add_argument("--export", action="store_true",
                    help="the other way: converted directory → LISA/M²SA PyTorch folder")
     p.set_defaults(func=_main)

@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.checkpoint = ""                 # any model source (m2sa_jax.checkpoints.resolve)
     c.eval.vision_tower = ""               # CLIP tower for a folder saved without one
     c.eval.dtype = "float32"               # language-model dtype at load (bfloat16 halves 7B)
+    c.eval.quantize = ""                   # "" | int8 | int4: weight-only LLM linear layers
+    c.eval.quantize_vision = False         # with quantize: also CLIP's and SAM's ViT
     c.eval.before_training = None          # train.py: also score the untrained model
     # eval.py: benchmark, where it lives, and how to batch it (m2sa_jax/evaluation/run.py);
     # "" = the data.* roots

@@ -270,6 +270,17 @@ def quantize_params(params, quantize, *, vision: bool = False, group_size: int |
     return unflatten(out)
 
 
+def quantize_leaf(path: str, kernel, spec: QuantSpec, *, scale_dtype=None):
+    """One parameter, quantized when ``spec`` quantizes its layer (else returned unchanged):
+    lets a loader quantize leaf by leaf as it reads, so the float tree never exists whole."""
+    if not target_paths({path: kernel}, spec):
+        return kernel
+    group = group_size_for(spec, kernel.shape[-2], path)
+    q = _quantize_kernel(jnp.asarray(kernel), qtype=spec.qtype, group=group,
+                         scale_dtype=jnp.dtype(scale_dtype or kernel.dtype))
+    return WithAux(q, how_to_quantize(spec, group))
+
+
 def abstract_quantized(abstract_params, quantize, **kwargs):
     """The quantized tree's shapes and dtypes from the float tree's (nothing allocated)."""
     return quantize_params(abstract_params, quantize, **kwargs)

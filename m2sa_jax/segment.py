@@ -42,6 +42,11 @@ def main(argv=None) -> int:
                         help="language model dtype (bfloat16 halves a 7B's memory)")
     parser.add_argument("--sam-dtype", choices=dtypes.NAMES, default="float32",
                         help="SAM's dtype")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="weight-only quantization of the LLM's linear layers (a directory "
+                             "stored quantized loads as stored)")
+    parser.add_argument("--quantize-vision", action="store_true",
+                        help="with --quantize: also CLIP's and SAM's ViT linear layers")
     parser.add_argument("--save-converted", default=None, metavar="DIR",
                         help="also write the converted model there (PyTorch folder sources)")
     parser.add_argument("--overwrite", action="store_true",
@@ -57,7 +62,8 @@ def main(argv=None) -> int:
         predictor = load(args.checkpoint, max_new_tokens=args.max_new_tokens,
                          vision_tower=args.vision_tower, dtype=args.dtype,
                          sam_dtype=args.sam_dtype, save_converted=args.save_converted,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, quantize=args.quantize,
+                         quantize_vision=args.quantize_vision)
         result = predictor.segment(image, args.question)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

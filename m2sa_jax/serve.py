@@ -44,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--timeout", type=float, default=120.0,
                    help="seconds per request, queueing included; beyond: 504")
     g.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens")
+    g.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization of the LLM's linear layers")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="language model dtype (bfloat16 halves a 7B's memory)")
     g.add_argument("--max-prompt-tokens", type=int, default=256,
                    help="longest prompt (template + question) in tokens; one compiled bucket "
                         "per 64")
@@ -66,7 +70,8 @@ def main(argv=None) -> int:
         print(f"error: {args.checkpoint}: not found.{hint}", file=sys.stderr)
         return 2
     try:
-        predictor = m2sa_jax.load(args.checkpoint, max_new_tokens=args.max_new_tokens)
+        predictor = m2sa_jax.load(args.checkpoint, max_new_tokens=args.max_new_tokens,
+                                  quantize=args.quantize, dtype=args.dtype)
         examples, toy = find_examples(args.checkpoint, args.examples)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -279,7 +279,8 @@ def ci_giou(trained_ci_run):
     from m2sa_jax.models.m2sa import M2SA
 
     cfg = trained_ci_run["cfg"]
-    config, params, tokenizer, _ = run.load_model(cfg)
+    model = run.load_model(cfg)
+    config, params, tokenizer = model.config, model.params, model.tokenizer
     samples, _ = run.load_samples(cfg)
     shapes = run.eval_shapes(cfg, samples, 1)
 

@@ -21,7 +21,8 @@ import json
 import os
 import shutil
 
-from m2sa_jax.checkpoints import clip_tower, converted, torch_io
+from m2sa_jax import dtypes, quantization
+from m2sa_jax.checkpoints import clip_tower, converted, quantized, torch_io
 from m2sa_jax.checkpoints.llava import (TOKENIZER_FILES, clip_rules, lm_head_rules, llama_rules,
                                         projector_rules)
 from m2sa_jax.checkpoints.sam import infer_config, sam_rules
@@ -195,15 +196,21 @@ def copy_tokenizer(src: str, dst: str) -> None:
 
 
 def convert_to_directory(src: str, dst: str, *, scan: bool = False, dtype: str | None = None,
-                         vision_tower: str | None = None, overwrite: bool = False) -> str:
-    """Converts ``src`` into the directory ``dst`` (written atomically)."""
-    from m2sa_jax import dtypes
-
+                         vision_tower: str | None = None, overwrite: bool = False,
+                         quantize: str | None = None, quantize_vision: bool = False) -> str:
+    """Converts ``src`` into the directory ``dst`` (written atomically); with ``quantize``, the
+    LLM's linear layers (and with ``quantize_vision`` the ViTs') are stored quantized."""
+    spec = quantization.as_spec(quantize, vision=quantize_vision)
     params, info = convert_folder(src, scan=scan, dtype=dtypes.storage_dtype(dtype),
                                   vision_tower=vision_tower)
     with converted.atomic_directory(dst, overwrite=overwrite) as tmp:
         copy_tokenizer(src, tmp)
-        converted.save_params(tmp, params, converted_meta(info, dtype))
+        if spec is None:
+            converted.save_params(tmp, params, converted_meta(info, dtype))
+        else:
+            scales = dtypes.compute_dtype(dtype) if dtype else None
+            quantized.save(tmp, quantization.quantize_params(params, spec, scale_dtype=scales),
+                           converted_meta(info, dtype))
     return dst
 
 
@@ -213,8 +220,6 @@ def export_folder(src: str, dst: str, *, dtype: str | None = None,
     with an index, config.json, tokenizer files). The CLIP tower is written too, under
     ``model.vision_tower.vision_tower.vision_model.*``, so the folder is self-contained."""
     from safetensors.numpy import save_file
-
-    from m2sa_jax import dtypes
 
     meta = converted.load_meta(src)
     if meta.get("model") != "m2sa":

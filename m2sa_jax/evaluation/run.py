@@ -26,23 +26,27 @@ from m2sa_jax.evaluation.teacher_forced import (data_mesh, evaluate, host_record
                                                 replicate)
 from m2sa_jax.inference.predictor import M2SAPredictor
 from m2sa_jax.models.m2sa import M2SA
+from m2sa_jax.quantization import quantize_model
 
 DATASETS = ("mmr", "reasonseg", "refcoco", "refcoco+", "refcocog", "multi_refcoco",
             "multi_refcoco+", "multi_refcocog", "refcocom")
 
 
 def load_model(cfg):
-    """(M2SAConfig, params, tokenizer, description) of ``eval.checkpoint`` — any model source
+    """The model of ``eval.checkpoint`` (a :class:`~m2sa_jax.checkpoints.resolve.LoadedModel`:
+    config, params, tokenizer, description, quantization) — any model source
     (:func:`m2sa_jax.checkpoints.resolve.resolve`: a converted directory, a LISA/M²SA PyTorch
     folder, a training workdir or ``WORKDIR@STEP``, a Hugging Face id in the local cache). With
-    no checkpoint given, a synthetic config evaluates its own training workdir (``workdir``)."""
+    no checkpoint given, a synthetic config evaluates its own training workdir (``workdir``).
+    ``eval.dtype`` and ``eval.quantize`` (``"int8"`` / ``"int4"``; ``eval.quantize_vision``)
+    choose how it is held."""
     path = cfg.eval.checkpoint or (cfg.workdir if cfg.data.kind == "synthetic" else "")
     if not path:
         raise ValueError("no model to evaluate: pass --config.eval.checkpoint=SOURCE ("
                          + describe_kinds() + ")")
-    model = resolve(path, vision_tower=cfg.eval.get("vision_tower") or None,
-                    dtype=cfg.eval.get("dtype") or "float32")
-    return model.config, model.params, model.tokenizer, model.description
+    return resolve(path, vision_tower=cfg.eval.vision_tower or None,
+                   dtype=cfg.eval.dtype or "float32", quantize=cfg.eval.quantize or None,
+                   quantize_vision=bool(cfg.eval.quantize_vision))
 
 
 def load_samples(cfg) -> tuple[list[Sample], SkipCounter]:
@@ -112,7 +116,9 @@ def run(cfg, workdir: str, *, host_index: int | None = None, host_count: int | N
     host_index = jax.process_index() if host_index is None else host_index
     host_count = jax.process_count() if host_count is None else host_count
     os.makedirs(workdir, exist_ok=True)
-    config, params, tokenizer, source = load_model(cfg)
+    model = load_model(cfg)
+    config, params, tokenizer, source = model.config, model.params, model.tokenizer, \
+        model.description
     samples, reader_skips = load_samples(cfg)
     all_records = len(samples)
     samples = host_records(samples, host_index, host_count)
@@ -128,7 +134,7 @@ def run(cfg, workdir: str, *, host_index: int | None = None, host_count: int | N
     if protocol == "teacher_forced":
         mesh = data_mesh()
         shapes = eval_shapes(cfg, samples, mesh.size)
-        forward = make_forward(M2SA(config))
+        forward = make_forward(quantize_model(M2SA(config), model.quantization))
         metrics, skips, stats = evaluate(
             forward, replicate({"params": params}, mesh), samples, tokenizer, shapes,
             split=e.split, sam_size=config.sam.img_size,
@@ -137,7 +143,7 @@ def run(cfg, workdir: str, *, host_index: int | None = None, host_count: int | N
             mesh=mesh, results=results, save_every=int(e.get("save_every") or 10),
             read_threads=int(e.get("read_threads") or 0))
     else:
-        predictor = M2SAPredictor(config, params, tokenizer,
+        predictor = M2SAPredictor(config, params, tokenizer, quantization=model.quantization,
                                   max_new_tokens=int(e.get("max_new_tokens") or 64),
                                   image_batch=int(e.images_per_batch))
         metrics, skips, stats, extra = generate_eval.evaluate_generate(

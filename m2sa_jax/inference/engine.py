@@ -148,7 +148,7 @@ class SegmentEngine:
         m = p.model
 
         def encode_into(params, slots, sam, clip, start):
-            enc = m.apply({"params": params}, sam, clip, method=M2SA.encode_images)
+            enc = m.apply({"params": params}, sam, clip, method="encode_images")
             return jax.tree.map(lambda s, e: jax.lax.dynamic_update_slice_in_dim(
                 s, e.astype(s.dtype), start, axis=0), slots, enc)
 
@@ -158,14 +158,14 @@ class SegmentEngine:
 
         def low_res(params, hidden, seg_image, image_embeddings, early_features):
             return m.apply({"params": params}, hidden, seg_image, image_embeddings,
-                           early_features, method=M2SA.low_res_masks_from_hidden)["low_res_masks"]
+                           early_features, method="low_res_masks_from_hidden")["low_res_masks"]
 
         self._encode_into = jax.jit(encode_into)
         self._embed = jax.jit(embed)
         self._low_res = jax.jit(low_res)
         size, clip_size = cfg.sam.img_size, cfg.llava.vision.image_size
         shapes = jax.eval_shape(
-            lambda prm, s, c: m.apply({"params": prm}, s, c, method=M2SA.encode_images),
+            lambda prm, s, c: m.apply({"params": prm}, s, c, method="encode_images"),
             p.params, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
             jax.ShapeDtypeStruct((1, clip_size, clip_size, 3), jnp.float32))
         self._empty_slots = {k: jnp.zeros((self.image_slots,) + v.shape[1:], v.dtype)

@@ -271,15 +271,20 @@ class M2SAPredictor:
 
 def load(source: str, *, vision_tower: str | None = None, dtype: str = "float32",
          sam_dtype: str = "float32", save_converted: str | None = None, overwrite: bool = False,
+         quantize: str | None = None, quantize_vision: bool = False,
          **kwargs) -> M2SAPredictor:
     """A predictor for any model source: a converted directory, a LISA/M²SA PyTorch folder
     (converted in memory; its CLIP tower from the folder, ``vision_tower`` or config.json's
     ``mm_vision_tower``), a training workdir (``DIR`` or ``DIR@STEP``) or a Hugging Face id in
     the local cache (:mod:`m2sa_jax.checkpoints.resolve`). ``dtype``: the language side's
-    (e.g. ``"bfloat16"`` halves a 7B's memory); ``sam_dtype``: SAM's. Other keyword arguments
-    go to :class:`M2SAPredictor`."""
+    (e.g. ``"bfloat16"`` halves a 7B's memory); ``sam_dtype``: SAM's. ``quantize``:
+    ``"int8"`` / ``"int4"`` weight-only quantization of the LLM's linear layers (with
+    ``quantize_vision`` also CLIP's and SAM's ViT); a directory written by ``checkpoints_convert
+    m2sa --quantize`` loads as stored. Other keyword arguments go to :class:`M2SAPredictor`."""
     model = resolve(source, vision_tower=vision_tower, dtype=dtype, sam_dtype=sam_dtype,
-                    save_converted=save_converted, overwrite=overwrite)
-    predictor = M2SAPredictor(model.config, model.params, model.tokenizer, **kwargs)
+                    save_converted=save_converted, overwrite=overwrite, quantize=quantize,
+                    quantize_vision=quantize_vision)
+    predictor = M2SAPredictor(model.config, model.params, model.tokenizer,
+                              quantization=model.quantization, **kwargs)
     predictor.source = model.description
     return predictor
