@@ -18,6 +18,7 @@ from m2sa_jax.data import mixed, pipeline
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
 from m2sa_jax.data.train_stream import StreamConfig, TrainStream
+from m2sa_jax.evaluation import run
 from m2sa_jax.training import loop, setup
 from tests.support import CONFIGS, llama_vocab, train_tiny
 from tests.support.dataset_root import DATASET_HW, MAPILLARY_HW, SOURCES, write_dataset_root
@@ -168,3 +169,23 @@ def test_every_source_of_the_paper_mix_draws_and_trains(setting):
     masks = mapillary["gt_masks"][mapillary["target_valid"]][:, :grid[0], :grid[1]]
     assert (masks > 0).any() and (masks < 255).any()              # coverage, not a resampled bit
     assert (mapillary["gt_masks"][..., grid[0]:, :] == 0).all()
+
+
+def test_eval_takes_mmr_from_the_mixture_root(setting, tmp_path):
+    """eval.py with the paper's mixture config reads MMR where training does (data.root's
+    layout, or data.mmr_root / data.image_root), with no eval.mmr_root."""
+    root, _, _ = setting
+    val = root / "MMR" / "MMR_val.json"
+    val.write_text((root / "MMR" / "MMR_train.json").read_text())
+    try:
+        cfg = _paper_config(root)
+        cfg.eval.dataset, cfg.eval.split = "mmr", "val"
+        assert not cfg.eval.mmr_root and not cfg.eval.image_root
+        samples, skips = run.load_samples(cfg)
+        assert skips.total == 0 and [s.questions for s in samples] == [["What holds the coffee?"]]
+        assert samples[0].image_path == f"{root}/refer_seg/images/mscoco/images/train2014/x.jpg"
+        cfg.data.root = ""                              # no root, no eval.mmr_root: say so
+        with pytest.raises(ValueError, match="eval.mmr_root.*data.root"):
+            run.load_samples(cfg)
+    finally:
+        val.unlink()

@@ -118,6 +118,18 @@ def default_mmr_image_root(root: str) -> str:
     return f"{root}/refer_seg/images/mscoco/images"
 
 
+def mmr_roots(data) -> tuple[str, str]:
+    """(MMR folder, its image root) of a ``data`` config: ``data.mmr_root`` and
+    ``data.image_root``; for the mixture (``data.kind = "mixture"`` with a ``data.root``) the
+    unset ones default to the dataset root's layout (docs/datasets.md). Training reads its MMR
+    split and held-out split from there, and so does eval.py when ``eval.mmr_root`` is unset."""
+    mmr_root, image_root = data.get("mmr_root") or "", data.get("image_root") or ""
+    if data.get("kind") != "mixture" or not data.get("root"):
+        return mmr_root, image_root
+    return (mmr_root or default_mmr_root(data.root),
+            image_root or default_mmr_image_root(data.root))
+
+
 def training_mixture(root: str, *, seed: int, draws_per_epoch: int, ratios: Mapping[str, float] = PAPER_RATIOS,
                      sem_seg: Sequence[str] | None = None, refer_seg: Sequence[str] | None = None,
                      vqa_data: str = "llava_instruct_150k", mmr_root: str | None = None,
