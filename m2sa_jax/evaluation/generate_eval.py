@@ -9,6 +9,12 @@ against the k-th target; with fewer masks the remaining targets get an empty pre
 IoU 0, its pixels join the cIoU union; 1.0 if that target is empty too); with more, the extra
 masks are counted and reported but match no target. How often each happens is part of the
 result (``exact``, ``fewer``, ``more``, ``missing_masks``, ``extra_masks``).
+
+Questions without a target (an answer with no [SEG], from a dataset read with
+``allow_no_target``) are scored by what the model says: ``no_target_questions`` counts them,
+``false_positives`` those it answered with masks (the masks are also ``extra_masks``); a
+question with targets answered without any [SEG] is a miss (``misses``; each of its targets an
+empty prediction, as above). All of them go into the metrics JSON (``generate``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from m2sa_jax.inference.predictor import read_image
 from m2sa_jax.evaluation.results import ResultsFile, restore_or_start, save_state
 from m2sa_jax.evaluation.metrics import SegmentationMetrics
 
-COUNTERS = ("exact", "fewer", "more", "missing_masks", "extra_masks")
+COUNTERS = ("exact", "fewer", "more", "missing_masks", "extra_masks", "misses",
+            "no_target_questions", "false_positives")
 
 
 def score_question(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None):
@@ -41,8 +48,9 @@ def score_question(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None =
     paired = np.zeros(gt.shape, bool)                   # [n, H, W]: empty where no mask came
     paired[:min(n, k)] = pred[:min(n, k)]
     counted = np.ones(gt.shape, bool) if ignore is None else ~ignore
-    inter = (paired & gt & counted).reshape(n, -1).sum(1)
-    union = ((paired | gt) & counted).reshape(n, -1).sum(1)
+    pixels = tuple(range(1, gt.ndim))                  # n may be 0: a no-target question
+    inter = (paired & gt & counted).sum(pixels)
+    union = ((paired | gt) & counted).sum(pixels)
     return inter.astype(np.int64), union.astype(np.int64), max(n - k, 0), max(k - n, 0)
 
 
@@ -107,6 +115,9 @@ def evaluate_generate(predictor, samples: Sequence[Sample], *, split: str,
                 counters["exact" if not (missing or extra) else "fewer" if missing else "more"] += 1
                 counters["missing_masks"] += missing
                 counters["extra_masks"] += extra
+                counters["misses"] += int(len(gt) > 0 and len(res.masks) == 0)
+                counters["no_target_questions"] += int(len(gt) == 0)
+                counters["false_positives"] += int(len(gt) == 0 and len(res.masks) > 0)
                 inters.append(inter)
                 unions.append(union)
                 record_ids += [sample.record_id] * len(gt)
