@@ -354,7 +354,7 @@ def test_generate_eval_accounting_on_fixture_records(fixture, tmp_path):
     assert again == counters
 
 
-def test_generate_counts_misses_and_false_positives(fixture):
+def test_generate_counts_misses_and_false_positives(fixture, tmp_path):
     """A question with targets answered without [SEG] is a miss; a question without a target
     answered with masks a false positive; both land in the counters (the metrics JSON's
     ``generate``), and a no-target question adds nothing to gIoU / cIoU."""
@@ -365,13 +365,19 @@ def test_generate_counts_misses_and_false_positives(fixture):
     targeted = dataclasses.replace(first, questions=first.questions[:1], masks=first.masks[:1],
                                    answers=first.answers[:1])
     n = len(targeted.masks[0])
+    results = ResultsFile(str(tmp_path / "none.json"), key={"run": "no target"})
     metrics, _, stats, counters = generate_eval.evaluate_generate(
-        _ScriptedPredictor([0, 0, 2]), [targeted, none], split="val", progress=False)
+        _ScriptedPredictor([0, 0, 2]), [targeted, none], split="val", progress=False,
+        results=results)
     assert counters == {"exact": 1, "fewer": 1, "more": 1, "missing_masks": n,
                         "extra_masks": 2, "misses": 1, "no_target_questions": 2,
                         "false_positives": 1}
     assert stats["questions"] == 3 and stats["masks"] == n
     assert metrics.result()["val"]["all"]["masks"] == n and metrics.result()["val"]["all"]["giou"] == 0
+    # resumed, the maskless record is done too: nothing is asked again, nothing counted twice
+    _, _, _, again = generate_eval.evaluate_generate(
+        _ScriptedPredictor([]), [targeted, none], split="val", progress=False, results=results)
+    assert again == counters
 
 
 TINY_RUN = {"data.train_images": 2, "data.val_images": 3, "data.images_per_batch": 2,

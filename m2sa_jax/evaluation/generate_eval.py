@@ -128,7 +128,8 @@ def evaluate_generate(predictor, samples: Sequence[Sample], *, split: str,
                     _overlay(overlay_dir, drawn, sample, i, rgb, res, gt)
                     drawn += 1
             stats["images"] += 1
-        metrics.update(split, np.concatenate(inters), np.concatenate(unions), record_ids, kinds)
+        metrics.update(split, np.concatenate(inters), np.concatenate(unions), record_ids, kinds,
+                       records=[s.record_id for s, *_ in prepared])   # no-target ones too
         stats["batches"] += 1
         bar.update(len(todo[first:first + group]))
         if stats["batches"] % max(save_every, 1) == 0:
