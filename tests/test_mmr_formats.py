@@ -16,13 +16,14 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from m2sa_jax import config_file
-from m2sa_jax.data import mmr, pipeline
+from m2sa_jax.data import benchmarks, mmr, pipeline
 from m2sa_jax.data.mixed import MixedSource
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.tfds_mmr import Mmr
 from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
 from m2sa_jax.data.train_stream import StreamConfig, TrainStream
 from m2sa_jax.data.types import BadRecord
+from m2sa_jax.evaluation import run, teacher_forced
 from m2sa_jax.training import loop, setup
 from tests.support import CONFIGS, llama_vocab, train_tiny
 from tests.test_mmr import H, W, ann, box_mask, good_record, record, rle_string
@@ -56,8 +57,9 @@ def mmr_dir(tmp_path_factory):
         Image.fromarray(pixels).save(path, quality=90)
     os.makedirs(folder)
     (folder / "MMR_train.json").write_text(json.dumps(records))
+    (folder / "MMR_val.json").write_text(json.dumps(records[::-1]))
     Mmr(data_dir=str(folder), file_format="array_record", image_dir=str(images),
-        splits=("train",)).download_and_prepare(
+        splits=("train", "val")).download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=str(folder)))
     return str(folder), str(images)
 
@@ -95,6 +97,34 @@ def test_both_formats_give_the_same_samples_in_the_same_order(mmr_dir):
         mmr.training_split(folder, images, "train", fmt="tfrecord")
     with pytest.raises(FileNotFoundError, match="tfds_mmr.*data.mmr_format=json"):
         mmr.training_split(images, images, "train", fmt="array_record")
+
+
+def test_eval_reads_either_format_from_the_data_config(mmr_dir):
+    """eval.py's MMR reader: the same evaluation samples from both formats; with a training
+    config and no eval.mmr_root, from data.mmr_root in data.mmr_format."""
+    folder, images = mmr_dir
+
+    def view(samples):
+        return [(s.record_id, s.questions, s.answers, s.extra.get("eval_questions"),
+                 s.extra.get("eval_answers"),
+                 [[r.decode().tobytes() for r in refs] for refs in s.masks]) for s in samples]
+
+    want, want_skips = benchmarks.mmr(folder, images, "val", allow_no_target=True)
+    got, got_skips = benchmarks.mmr(folder, "", "val", fmt="array_record", allow_no_target=True)
+    assert view(got) == view(want) and len(want) == N_GOOD + 1
+    assert dict(got_skips.counts) == dict(want_skips.counts) == {"seg_count": 1}
+    assert all(s.image_bytes for s in got) and not any(s.image_bytes for s in want)
+
+    cfg = _config(folder, "", "mmr", "array_record")
+    cfg.eval.dataset, cfg.eval.split = "mmr", "val"
+    samples, skips = run.load_samples(cfg)
+    assert view(samples) == view(want) and skips.total == 1
+    # the training run's held-out split (its end-of-run evaluation), both formats alike
+    held_out = {fmt: teacher_forced.held_out_samples(_config(folder, images, "mmr", fmt),
+                                                     folder, images)
+                for fmt in ("json", "array_record")}
+    assert view(held_out["json"]) == view(held_out["array_record"])
+    assert len(held_out["json"]) == N_GOOD + 1
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from m2sa_jax.data.images import decode_rgb
 from m2sa_jax.data.types import BadRecord, Sample
 from m2sa_jax.inference.overlay import overlay
 from m2sa_jax.inference.predictor import read_image
@@ -57,7 +58,9 @@ def score_question(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None =
 def _prepare(predictor, sample: Sample):
     """(rgb, gt per question, ignore per question) or BadRecord."""
     try:
-        rgb = read_image(sample.image_path, predictor.max_image_pixels)
+        image = (sample.image_path if sample.image_bytes is None     # array_record: inside
+                 else decode_rgb(sample.image_bytes, sample.image_path))
+        rgb = read_image(image, predictor.max_image_pixels, name=sample.image_path)
     except (ValueError, OSError) as e:
         raise BadRecord("unreadable_image", f"{sample.record_id}: {e}") from None
     h, w = rgb.shape[:2]

@@ -58,18 +58,20 @@ def load_samples(cfg) -> tuple[list[Sample], SkipCounter]:
         return e[key]
 
     if name == "mmr":
-        root, images = e.get("mmr_root"), e.get("image_root")
+        root, images, fmt = e.get("mmr_root"), e.get("image_root"), "json"
         if not root and cfg.data.kind == "synthetic":
             root, _ = synthetic.prepare(cfg.data)
             images = images or os.path.join(root, "images")
         elif not root:                  # the training data's MMR (mixture: under data.root)
             root, data_images = mixed.mmr_roots(cfg.data)
-            images = images or data_images
+            images, fmt = images or data_images, cfg.data.get("mmr_format") or "json"
         if not root:
             raise ValueError("eval.dataset=mmr needs --config.eval.mmr_root=DIR (the MMR_*.json "
                              "files) and --config.eval.image_root=DIR (the COCO images), or a "
                              "config whose data.root (mixture) or data.mmr_root says where MMR is")
-        return benchmarks.mmr(root, images or need("image_root"), split,
+        if fmt == "json":
+            images = images or need("image_root")
+        return benchmarks.mmr(root, images, split, fmt=fmt,
                               allow_no_target=bool(cfg.data.get("allow_no_target")))
     if name == "reasonseg":
         return benchmarks.reason_seg(os.path.join(need("reasonseg_root"), split))
