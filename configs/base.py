@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.root = None
     c.data.mmr_root = ""                   # MMR_{split}.json folder (mixture: root/MMR)
     c.data.image_root = ""                 # COCO images of MMR (mixture: under root/refer_seg)
+    c.data.mmr_format = "json"             # MMR training split: "json" or "array_record" (the
+                                           # split built into mmr_root by m2sa_jax.data.tfds_mmr)
+    c.data.allow_no_target = False         # MMR answers without [SEG] are samples, not errors
     # data.kind = "synthetic": the generated set (m2sa_jax/data/synthetic.py) and its tokenizer
     c.data.train_images = 0
     c.data.val_images = 0
@@ -50,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.images_per_batch = None
     c.data.max_targets = 3                 # [SEG]s per question
     c.data.token_buckets = None
-    c.data.mask_hw = None                  # masks padded to this; larger images are skipped
+    c.data.mask_hw = None                  # masks padded to this; larger images: SAM's grid
     c.data.model_max_length = None
     c.data.released_pairing = False        # True reproduces the released loader's pairing bug
     c.data.read_threads = None
@@ -92,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
     # eval.py: benchmark, where it lives, and how to batch it (m2sa_jax/evaluation/run.py);
     # "" = the data.* roots
     c.eval.dataset = "mmr"                 # mmr reasonseg refcoco(+,g) multi_refcoco(+,g) refcocom
-    c.eval.mmr_root = ""                   # MMR_*.json folder
+    c.eval.mmr_root = ""                   # MMR_*.json folder ("": data.mmr_root / data.root)
     c.eval.image_root = ""                 # COCO images the MMR file_names resolve under
     c.eval.reasonseg_root = ""             # .../reason_seg/ReasonSeg (split folders inside)
     c.eval.refer_root = ""                 # LISA's refer_seg folder (refcoco*, RefCOCO refs)

@@ -78,15 +78,16 @@ def main(argv=None) -> int:
 
     overlay(image, result.masks, result.labels, title=f"Q: {args.question}").save(
         os.path.join(args.out, "overlay.png"))
-    summary = dict(question=args.question, answer=result.answer, labels=result.labels,
+    summary = dict(question=args.question, answer=result.answer, no_target=result.no_target,
+                   labels=result.labels,
                    masks=[dict(file=f, label=l, area=int(m.sum()))
                           for f, l, m in zip(files, result.labels, result.masks)],
                    image=os.path.abspath(args.image), checkpoint=predictor.source)
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"answer: {result.answer}")
-    if not files:
-        print("the answer has no [SEG]: no masks")
+    if result.no_target:
+        print("the answer has no [SEG]: no target, no masks")
     for f_, l_ in zip(files, result.labels):
         print(f"  {f_}: {l_}")
     print(f"wrote {os.path.join(os.path.abspath(args.out), 'overlay.png')} and result.json")

@@ -14,7 +14,8 @@ one table of path patterns, and a table mapping logical names to mesh axes, chos
   replicates. ``"fsdp"`` leaves out the tensor split; ``"replicated"`` shards no parameter
   (pure data parallelism).
 * Batches are split along their leading (example) axis over (data, fsdp); with gradient
-  accumulation the leading axis is the micro-batch axis and the second is split.
+  accumulation the leading axis is the micro-batch axis and the second is split. Training
+  hosts each build their own part of the global batch (:func:`put_host_batch` assembles it).
 * A dimension is sharded only when the mesh axis divides it; otherwise it stays replicated
   (the vocabulary of 32,003 rows; small test models).
 
@@ -210,6 +211,57 @@ def put_global(tree, shardings):
 def put_batch(batch: Mapping, mesh: Mesh, micro: bool = False) -> dict:
     """A global host batch → arrays split over (data, fsdp) (see :func:`put_global`)."""
     return put_global(dict(batch), batch_sharding(batch, mesh, micro))
+
+
+def host_block(global_shape, sharding: NamedSharding, axis: int) -> tuple[int, int]:
+    """(start, stop) of this process's part of ``axis`` under ``sharding``: the span its
+    devices' shards cover. Raises if that span is not one block that no other process holds."""
+    spans = sorted({(idx[axis].start or 0, global_shape[axis] if idx[axis].stop is None
+                     else idx[axis].stop)
+                    for idx in sharding.addressable_devices_indices_map(tuple(global_shape)).values()})
+    start, stop = spans[0][0], spans[-1][1]
+    covered = sum(b - a for a, b in spans)
+    if covered != stop - start or (stop - start) * jax.process_count() != global_shape[axis]:
+        raise ValueError(f"the batch axis of shape {tuple(global_shape)} is not split into one "
+                         f"contiguous block per process under {sharding.spec} (this process: "
+                         f"{spans}); use a mesh whose (data, fsdp) axes run over the processes "
+                         "(tensor within a host)")
+    return start, stop
+
+
+def put_host_batch(local: Mapping, mesh: Mesh, micro: bool = False) -> dict:
+    """This host's part of a global batch → the global arrays split over (data, fsdp).
+
+    The part is what ``data.train_stream.TrainStream`` builds on each host: ``1/processes`` of
+    the images and conversations, image indices local to it. One process: the part is the whole
+    batch (:func:`put_batch`). Several: each field's example axis is assembled from the
+    processes' parts (``jax.make_array_from_process_local_data``; a process's part is the block
+    its devices hold), and ``conv_image_index`` is shifted by the global position of the host's
+    first image, so every conversation still points at its own image."""
+    if jax.process_count() == 1:
+        return put_batch(local, mesh, micro)
+    axis = 1 if micro else 0
+    out = {}
+    shardings = {}
+    for k, v in local.items():
+        shape = list(np.shape(v))
+        shape[axis] *= jax.process_count()
+        spec = batch_spec(shape, mesh, micro)
+        if spec == P():
+            raise ValueError(f"batch field {k!r} of global shape {tuple(shape)}: its example "
+                             f"axis is not divisible by the {mesh.shape['data'] * mesh.shape['fsdp']} "
+                             "(data, fsdp) devices; make images and conversations per batch "
+                             "multiples of them")
+        shardings[k] = (NamedSharding(mesh, spec), tuple(shape))
+    first_image = host_block(shardings["sam_images"][1], shardings["sam_images"][0], axis)[0]
+    for k, v in local.items():
+        sh, shape = shardings[k]
+        host_block(shape, sh, axis)
+        v = np.asarray(v)
+        if k == "conv_image_index":
+            v = v + np.int32(first_image)
+        out[k] = jax.make_array_from_process_local_data(sh, v, shape)
+    return out
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -331,7 +331,10 @@ def test_generate_eval_accounting_on_fixture_records(fixture, tmp_path):
     more = sum(p > n for p, n in zip(plan, targets))
     assert counters == {"exact": len(plan) - fewer - more, "fewer": fewer, "more": more,
                         "missing_masks": sum(max(n - p, 0) for p, n in zip(plan, targets)),
-                        "extra_masks": sum(max(p - n, 0) for p, n in zip(plan, targets))}
+                        "extra_masks": sum(max(p - n, 0) for p, n in zip(plan, targets)),
+                        "misses": sum(p == 0 < n for p, n in zip(plan, targets)),
+                        "no_target_questions": 0, "false_positives": 0}
+    assert counters["misses"] > 0
     assert stats["questions"] == len(plan) and stats["masks"] == sum(targets)
     # Full-image predictions: IoU = |gt| / |image|, misses 0 (1 for an empty target).
     want = []
@@ -348,6 +351,32 @@ def test_generate_eval_accounting_on_fixture_records(fixture, tmp_path):
     # Nothing left to do on a rerun: the counters come back from the results file unchanged.
     _, _, _, again = generate_eval.evaluate_generate(
         _ScriptedPredictor([]), samples, split="val", progress=False, results=results)
+    assert again == counters
+
+
+def test_generate_counts_misses_and_false_positives(fixture, tmp_path):
+    """A question with targets answered without [SEG] is a miss; a question without a target
+    answered with masks a false positive; both land in the counters (the metrics JSON's
+    ``generate``), and a no-target question adds nothing to gIoU / cIoU."""
+    first = fixture["samples"][0]
+    none = dataclasses.replace(first, record_id="no target", masks=[[], []],
+                               questions=["Is there a giraffe?", "Is there a zebra?"],
+                               answers=["No.", "No."], extra={})
+    targeted = dataclasses.replace(first, questions=first.questions[:1], masks=first.masks[:1],
+                                   answers=first.answers[:1])
+    n = len(targeted.masks[0])
+    results = ResultsFile(str(tmp_path / "none.json"), key={"run": "no target"})
+    metrics, _, stats, counters = generate_eval.evaluate_generate(
+        _ScriptedPredictor([0, 0, 2]), [targeted, none], split="val", progress=False,
+        results=results)
+    assert counters == {"exact": 1, "fewer": 1, "more": 1, "missing_masks": n,
+                        "extra_masks": 2, "misses": 1, "no_target_questions": 2,
+                        "false_positives": 1}
+    assert stats["questions"] == 3 and stats["masks"] == n
+    assert metrics.result()["val"]["all"]["masks"] == n and metrics.result()["val"]["all"]["giou"] == 0
+    # resumed, the maskless record is done too: nothing is asked again, nothing counted twice
+    _, _, _, again = generate_eval.evaluate_generate(
+        _ScriptedPredictor([]), [targeted, none], split="val", progress=False, results=results)
     assert again == counters
 
 
@@ -419,27 +448,38 @@ def test_generate_protocol_with_the_real_model(fixture):
     ``predictor.segment`` answer one at a time."""
 
     pred = m2sa_jax.load(str(fixture["dst"]), max_new_tokens=6)
-    samples = fixture["samples"]
+    # and a question without a target (zero masks), as a no-target dataset gives it
+    first = fixture["samples"][0]
+    none = dataclasses.replace(first, record_id="no target", questions=["Is there a giraffe?"],
+                               answers=["There is no giraffe in the image."], masks=[[]],
+                               extra={})
+    samples = fixture["samples"] + [none]
     metrics, skips, stats, counters = generate_eval.evaluate_generate(
         pred, samples, split="val", progress=False)
     inter, union, ids, kinds = [], [], [], []
     want = dict.fromkeys(generate_eval.COUNTERS, 0)
     for s in samples:
         for i, q in enumerate(s.questions):
-            gt = np.stack([np.asarray(r.decode(), bool) for r in s.masks[i]])
+            h, w = s.height, s.width
+            gt = np.stack([np.asarray(r.decode(), bool) for r in s.masks[i]] or
+                          [np.zeros((h, w), bool)])[:len(s.masks[i])]
             r = pred.segment(s.image_path, q)
-            assert r.masks.shape[0] == r.answer.count("[SEG]")
+            assert r.masks.shape == (r.answer.count("[SEG]"), h, w)
+            assert r.no_target == (r.masks.shape[0] == 0)
             a, u, missing, extra = generate_eval.score_question(gt, r.masks)
             want["exact" if not (missing or extra) else "fewer" if missing else "more"] += 1
             want["missing_masks"] += missing
             want["extra_masks"] += extra
+            want["misses"] += int(len(gt) > 0 and r.no_target)
+            want["no_target_questions"] += int(len(gt) == 0)
+            want["false_positives"] += int(len(gt) == 0 and not r.no_target)
             inter += list(a)
             union += list(u)
             ids += [s.record_id] * len(gt)
             kinds += [m.kind for m in s.masks[i]]
     direct = SegmentationMetrics()
     direct.update("val", np.array(inter), np.array(union), ids, kinds)
-    assert counters == want
+    assert counters == want and counters["no_target_questions"] == 1
     assert stats["questions"] == sum(len(s.questions) for s in samples)
     got, exp = metrics.result()["val"]["all"], direct.result()["val"]["all"]
     assert (got["intersection"], got["union"], got["masks"]) == (

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from m2sa_jax.data.loader import Loader
 from m2sa_jax.data.mixed import PAPER_RATIOS, MixedSource, training_mixture
+from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import BadRecord, Sample
 from tests.support.dataset_root import DATASET_HW, DATASET_POLYGON, write_dataset_root
 
@@ -69,12 +71,29 @@ def test_bad_records_are_redrawn_and_counted():
     mix = MixedSource(groups, {"a": 1, "b": 1}, seed=0, draws_per_epoch=400)
     samples = [mix[i] for i in range(len(mix))]
     assert all(int(s.record_id.split(":")[1]) % 2 == 1 for s in samples if s.source == "a")
-    assert mix.skipped["broken"] > 50
+    # every record left out travels with the sample drawn instead: source, reason, record
+    events = [e for s in samples for e in s.skip_events]
+    assert len(events) > 50
+    assert {(e.source, e.reason) for e in events} == {("a", "broken")}
+    assert all(int(e.record.split()[-1]) % 2 == 0 for e in events)
+    assert [mix[i].skip_events for i in range(20)] == [s.skip_events for s in samples[:20]]
+
+    # counted once per sample the loader hands out, into the run's counter, by source
+    skips = SkipCounter()
+    used = list(Loader(mix, seed=1, shuffle=False, shard_index=0, shard_count=1, skips=skips))
+    assert len(used) == len(mix)
+    assert skips.per_source() == {"a": {"broken": len(events)}}
+    assert "a: broken" in skips.summary()
+
     hopeless = MixedSource({"a": [CountingSource("a", 4, bad=lambda i: True)]}, {"a": 1}, seed=0,
                            draws_per_epoch=1, max_retries=3)
     with pytest.raises(BadRecord) as e:
         hopeless[0]
     assert e.value.reason == "retries_exhausted" and "draw 0" in str(e.value)
+    assert len(e.value.skip_events) == 4
+    skips = SkipCounter()
+    assert list(Loader(hopeless, seed=0, shard_index=0, shard_count=1, skips=skips)) == []
+    assert skips.per_source() == {"a": {"broken": 4}, "mixture": {"retries_exhausted": 1}}
 
 
 def test_config_errors_name_the_problem():

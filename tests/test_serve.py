@@ -225,11 +225,13 @@ def test_segment_png_and_none_masks(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert ANSWER.startswith(body["answer"]) and body["masks"] == []   # cut before the [SEG]
+    assert body["no_target"] is True and body["labels"] == []
     r = _segment(client, _png(_photo()), masks="png")
     pngs = [np.asarray(Image.open(io.BytesIO(base64.b64decode(m["png"])))) for m in r.json()["masks"]]
     assert len(pngs) == 2 and pngs[0].shape == (200, 300)
     r = _segment(client, _png(_photo()), masks="none")
     assert r.json()["masks"] == [] and r.json()["labels"] == ["the handle", "the cup"]
+    assert r.json()["no_target"] is False                   # masks left out, not absent
     r = _segment(client, _png(_photo()), masks="bmp")
     assert r.status_code == 422 and "rle, png, none" in r.json()["error"]
 

@@ -6,18 +6,22 @@ shrunk only in its batch shapes, and the model config, whose image sizes the str
 the tiny synthetic one (no weights are built).
 """
 
+import collections
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 
-
 from m2sa_jax import config_file
+from m2sa_jax.data import mixed, pipeline
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
+from m2sa_jax.data.train_stream import StreamConfig, TrainStream
+from m2sa_jax.evaluation import run
 from m2sa_jax.training import loop, setup
 from tests.support import CONFIGS, llama_vocab, train_tiny
-from tests.support.dataset_root import DATASET_HW, write_dataset_root
+from tests.support.dataset_root import DATASET_HW, MAPILLARY_HW, SOURCES, write_dataset_root
 
 IMAGES = 2                       # per batch
 QUESTIONS = 3                    # per image (the paper's)
@@ -116,3 +120,72 @@ def test_mmr_kind_and_unknown_kind(setting):
         _stream(cfg, tok, model_config)
     with pytest.raises(ValueError, match="data.root"):
         _stream(_paper_config(""), tok, model_config)
+
+
+def test_every_source_of_the_paper_mix_draws_and_trains(setting):
+    """10,000 draws of the paper config's mixture over a root holding every source: each
+    source's share is within 4σ of the declared mix (group ratio ÷ members), and one draw of
+    each, Mapillary's larger-than-the-canvas image included, goes through the training stream
+    without a skip."""
+    root, tok, model_config = setting
+    cfg = _paper_config(root)
+    cfg.data.sem_seg, cfg.data.refer_seg = SOURCES["sem_seg"], SOURCES["refer_seg"]
+    paper = config_file.load(os.path.join(CONFIGS, "m2sa_7b.py"))
+    assert (tuple(paper.data.sem_seg), tuple(paper.data.refer_seg)) == (
+        SOURCES["sem_seg"], SOURCES["refer_seg"])
+    n = 10_000
+    mix = mixed.training_mixture(str(root), seed=3, draws_per_epoch=n, ratios=dict(cfg.data.ratios),
+                                 sem_seg=cfg.data.sem_seg, refer_seg=cfg.data.refer_seg)
+    samples = [mix[i] for i in range(n)]                       # draws only: no image decoded
+    assert not any(s.skip_events for s in samples)
+    counts = collections.Counter(s.source for s in samples)
+    total = sum(cfg.data.ratios.values())
+    for group, members in SOURCES.items():
+        for source in members:
+            p = cfg.data.ratios[group] / total / len(members)
+            sigma = np.sqrt(n * p * (1 - p))
+            assert abs(counts[source] - n * p) < 4 * sigma, (source, counts[source], n * p, sigma)
+    assert set(counts) == {s for members in SOURCES.values() for s in members}
+
+    first = {}
+    for s in samples:
+        first.setdefault(s.source, s)
+    order = sorted(first)
+    shapes = dataclasses.replace(loop.batch_shapes(cfg), images=1, conversations=QUESTIONS)
+    skips = SkipCounter()
+    stream = TrainStream(
+        [first[name] for name in order], tok,
+        StreamConfig(shapes=shapes, sam_size=model_config.sam.img_size,
+                     clip_size=model_config.llava.vision.image_size, max_length=512,
+                     read_threads=1),
+        seed=0, epochs=1, skips=skips, shard_index=0, shard_count=1)
+    batches = list(stream)
+    assert len(batches) == len(order) and skips.total == 0, skips.summary()
+    seen = {tuple(b["original_hw"][0]) for b in batches}
+    grid = pipeline.grid_hw(MAPILLARY_HW, MASK_HW)
+    assert seen == {DATASET_HW, grid} and grid == (10, 16)        # Mapillary: on the 10 × 16 grid
+    (mapillary,) = [b for b in batches if tuple(b["original_hw"][0]) == grid]
+    assert mapillary["gt_masks"].dtype == np.uint8 and mapillary["target_valid"].any()
+    masks = mapillary["gt_masks"][mapillary["target_valid"]][:, :grid[0], :grid[1]]
+    assert (masks > 0).any() and (masks < 255).any()              # coverage, not a resampled bit
+    assert (mapillary["gt_masks"][..., grid[0]:, :] == 0).all()
+
+
+def test_eval_takes_mmr_from_the_mixture_root(setting, tmp_path):
+    """eval.py with the paper's mixture config reads MMR where training does (data.root's
+    layout, or data.mmr_root / data.image_root), with no eval.mmr_root."""
+    root, _, _ = setting
+    val = root / "MMR" / "MMR_val.json"
+    val.write_text((root / "MMR" / "MMR_train.json").read_text())
+    try:
+        cfg = _paper_config(root)
+        cfg.eval.dataset, cfg.eval.split = "mmr", "val"
+        assert not cfg.eval.mmr_root and not cfg.eval.image_root
+        samples, skips = run.load_samples(cfg)
+        assert skips.total == 0 and [s.questions for s in samples] == [["What holds the coffee?"]]
+        assert samples[0].image_path == f"{root}/refer_seg/images/mscoco/images/train2014/x.jpg"
+        cfg.data.root = ""                              # no root, no eval.mmr_root: say so
+        with pytest.raises(ValueError, match="eval.mmr_root.*data.root"):
+            run.load_samples(cfg)
+    finally:
+        val.unlink()

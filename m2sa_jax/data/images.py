@@ -16,6 +16,7 @@ Errors are :class:`~m2sa_jax.data.types.BadRecord` with reason ``missing_image``
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -51,10 +52,20 @@ def load_rgb(path: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise BadRecord("missing_image", f"{path}: image file not found; check the images root "
                         "and the record's file_name")
+    return _decode(path, path)
+
+
+def decode_rgb(data: bytes, name: str) -> np.ndarray:
+    """:func:`load_rgb` of an image file's bytes (a record that carries its image); ``name``
+    says where the bytes came from in errors."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(file, path: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(file) as image:
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 rgb = _to_rgb_uint8(image)

@@ -15,7 +15,10 @@ with the same ``worker_count``, seed, epochs, shard and source (grain refuses ot
 
 Bad records: a ``BadRecord`` raised by the source or the transform does not crash the
 loader; the record is skipped and counted by reason (``iterator.skipped``, part of the state)
-and reported to the data package's :class:`~m2sa_jax.data.skips.SkipCounter` when one is given.
+and reported, with its source, to the data package's :class:`~m2sa_jax.data.skips.SkipCounter`
+when one is given. Records an element's source left out on the way to it (its
+``skip_events``, e.g. the mixture's redraws; or those of a ``BadRecord`` that ends the draw)
+are counted the same way when the element is consumed.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import grain
 import jax
 from absl import flags
 
-from m2sa_jax.data.skips import SkipCounter
+from m2sa_jax.data.skips import SkipCounter, SkipEvent
 from m2sa_jax.data.types import BadRecord
 
 
@@ -40,11 +43,14 @@ class RandomAccessSource(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
-    """Stands in for a bad record on its way back from a reader thread or worker process."""
+    """Stands in for a bad record on its way back from a reader thread or worker process:
+    its own skip last, after those left out on the way to it."""
 
-    reason: str
-    record: str
-    message: str
+    events: tuple[SkipEvent, ...]
+
+    @property
+    def reason(self) -> str:
+        return self.events[-1].reason
 
 
 class _Guarded(RandomAccessSource):
@@ -66,7 +72,7 @@ class _Guarded(RandomAccessSource):
             return self.transform(element) if self.transform is not None else element
         except BadRecord as e:
             where = self.source.global_index(index) if isinstance(self.source, HostShard) else index
-            return Skipped(e.reason, f"record {where}", str(e))
+            return Skipped(e.skip_events + (SkipEvent.from_error(e, e.record or f"record {where}"),))
 
     def __repr__(self) -> str:
         return f"Guarded({_describe(self.source)})"
@@ -107,7 +113,8 @@ def _describe(source) -> str:
     return f"{kind.__module__}.{kind.__qualname__}(n={len(source)})"
 
 
-def _host(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+def host_share(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    """(index, count) of this host: as given, or ``jax.process_index()``/``process_count()``."""
     if shard_index is None and shard_count is None:
         return jax.process_index(), jax.process_count()
     if shard_index is None or shard_count is None:
@@ -128,7 +135,7 @@ class Loader:
                  shuffle: bool = True, num_epochs: int | None = 1, shard_index: int | None = None,
                  shard_count: int | None = None, worker_count: int = 0, worker_buffer_size: int = 2,
                  read_threads: int = 4, prefetch: int = 16, skips: SkipCounter | None = None):
-        self.shard = HostShard(source, *_host(shard_index, shard_count))
+        self.shard = HostShard(source, *host_share(shard_index, shard_count))
         sampler = grain.samplers.IndexSampler(num_records=len(self.shard), shuffle=shuffle,
                                               num_epochs=num_epochs, seed=seed)
         if worker_count > 0:
@@ -154,12 +161,17 @@ class LoaderIterator(Iterator[Any]):
         while True:
             element = next(self._inner)
             if isinstance(element, Skipped):
-                self.skipped[element.reason] = self.skipped.get(element.reason, 0) + 1
-                self.last_skip_message = element.message
-                if self._skips is not None:
-                    self._skips.add(element.reason, element.record, element.message)
+                self._count(element.events)
+                self.last_skip_message = element.events[-1].message
                 continue
+            self._count(getattr(element, "skip_events", ()))
             return element
+
+    def _count(self, events) -> None:
+        for event in events:
+            self.skipped[event.reason] = self.skipped.get(event.reason, 0) + 1
+            if self._skips is not None:
+                self._skips.add_event(event)
 
     def get_state(self) -> bytes:
         """Position after the last element returned; small JSON, store it with the checkpoint."""

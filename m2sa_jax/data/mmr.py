@@ -15,11 +15,24 @@ without replacement by the given generator, each paired with *its own* answer an
 ``released_pairing=True`` reproduces the public loader instead: questions are subsampled but
 answers and masks are taken from the first N positions (comparison only: it mislabels).
 
+Two on-disk formats (``MMR_FORMATS``): the released JSON files, and the array_record split built
+by ``python -m m2sa_jax.data.tfds_mmr`` (each example the JSON record verbatim with its image
+file's bytes; example ``i`` of a split is record ``i`` of its JSON file). Training reads either
+through :func:`training_split`, lazily: item ``i`` is record ``i`` of the file, validated when
+it is drawn, and a bad one raises ``BadRecord`` then (the loader skips and counts it), so both
+formats give the same samples in the same order, bad records included. (The lazy reader cannot
+see duplicate image ids across the file; the eager JSON reader below does.)
+
 Bad records are skipped and reported to a :class:`~m2sa_jax.data.skips.SkipCounter` by reason
 (``strict=True`` raises with the file and record instead): ``invalid_utf8``, ``malformed_record``,
 ``empty_questions``, ``duplicate_image``, ``unsafe_path`` (``file_name`` absolute, with ``..``,
 or a symlink leaving the root), ``missing_image``, ``malformed_rle``, ``rle_size_mismatch``,
-``seg_count`` (``{seg}`` count ≠ number of masks), ``malformed_text``. Malformed RLE strings are
+``seg_count`` (``{seg}`` count ≠ number of masks), ``malformed_text``, ``no_target`` (an answer
+with no ``{seg}`` and no mask, from a dataset that does not declare such answers: MMR's
+released splits have none). A dataset whose questions may have no target (a negative
+question: "There is no giraffe in the image.") says so with ``allow_no_target=True``; its
+no-target answers are then samples with zero masks (a text loss only in training), while a
+``{seg}`` count that differs from the masks is refused as ever. Malformed RLE strings are
 caught at load by walking their counts (pycocotools decodes a short count string into garbage
 without complaint); corrupt image files surface when the pipeline decodes them.
 """
@@ -153,20 +166,25 @@ class MMRRecord:
     """One validated MMR record: all its questions, answers and lazy masks."""
 
     __slots__ = ("record_id", "image_path", "image_id", "height", "width", "questions",
-                 "answers", "masks")
+                 "answers", "masks", "image_bytes")
 
-    def __init__(self, record_id, image_path, image_id, height, width, questions, answers, masks):
+    def __init__(self, record_id, image_path, image_id, height, width, questions, answers, masks,
+                 image_bytes=None):
         self.record_id = record_id
-        self.image_path = image_path
+        self.image_path = image_path                  # or, with image_bytes, where they came from
         self.image_id = image_id
         self.height, self.width = height, width
         self.questions: list[str] = questions
         self.answers: list[str] = answers             # "{seg}" already replaced by [SEG]
         self.masks: list[list[MaskRef]] = masks
+        self.image_bytes: bytes | None = image_bytes  # the image file itself (array_record)
 
 
-def parse_record(rec: Any, record_id: str, image_root: str, check_image_exists: bool = True) -> MMRRecord:
-    """Validates one raw JSON record (raises BadRecord with the reason)."""
+def parse_record(rec: Any, record_id: str, image_root: str, check_image_exists: bool = True,
+                 image_bytes: bytes | None = None, allow_no_target: bool = False) -> MMRRecord:
+    """Validates one raw JSON record (raises BadRecord with the reason). With ``image_bytes``
+    (a record that carries its image) ``image_root`` only names where they came from;
+    ``allow_no_target``: answers without a target are valid (module doc)."""
     if _has_surrogates(rec):
         raise BadRecord("invalid_utf8", "the record contains bytes that are not valid UTF-8")
     if not isinstance(rec, dict):
@@ -184,8 +202,11 @@ def parse_record(rec: Any, record_id: str, image_root: str, check_image_exists: 
     if not (len(questions) == len(rec["answers"]) == len(rec["text_answers"])):
         raise BadRecord("malformed_record", f"{len(questions)} questions, {len(rec['answers'])} "
                         f"answers and {len(rec['text_answers'])} text_answers differ in number")
-    image_path = _safe_image_path(image_root, rec["file_name"])
-    if check_image_exists and not os.path.isfile(image_path):
+    if image_bytes is not None:
+        image_path = f"{image_root} ({rec['file_name']})"
+    else:
+        image_path = _safe_image_path(image_root, rec["file_name"])
+    if image_bytes is None and check_image_exists and not os.path.isfile(image_path):
         raise BadRecord("missing_image", f"image {image_path} not found")
     answers, masks = [], []
     for i, (text, anns) in enumerate(zip(rec["text_answers"], rec["answers"])):
@@ -194,6 +215,10 @@ def parse_record(rec: Any, record_id: str, image_root: str, check_image_exists: 
         if text.count("{seg}") != len(anns):
             raise BadRecord("seg_count", f"text answer {i} has {text.count('{seg}')} {{seg}} but "
                             f"{len(anns)} masks")
+        if not anns and not allow_no_target:
+            raise BadRecord("no_target", f"answer {i} has no target ({{seg}} and masks); if this "
+                            "dataset has questions without a target, read it with "
+                            "allow_no_target=True (training: data.allow_no_target)")
         try:
             answers.append(text.format(seg=SEG_TOKEN))
         except (KeyError, IndexError, ValueError) as e:
@@ -211,7 +236,72 @@ def parse_record(rec: Any, record_id: str, image_root: str, check_image_exists: 
                                 height, width, label=name, kind=category_kind(name)))
         masks.append(refs)
     return MMRRecord(record_id, image_path, rec.get("image_id"), height, width, list(questions),
-                     answers, masks)
+                     answers, masks, image_bytes)
+
+
+def record_label(file_label: str, index: int, raw: Any) -> str:
+    """How errors and summaries name record ``index`` of an MMR file."""
+    image_id = raw.get("image_id") if isinstance(raw, dict) else None
+    return f"{file_label} record {index} (image_id {image_id})"
+
+
+class _JsonRecords:
+    """Lazy records of an MMR JSON file: raw dict ``i`` → MMRRecord when asked."""
+
+    def __init__(self, json_path: str, image_root: str, check_images: bool, allow_no_target: bool):
+        self.raw = read_json_records(json_path)
+        self.json_path, self.image_root, self.check_images = json_path, image_root, check_images
+        self.allow_no_target = allow_no_target
+        self.file_label = os.path.basename(json_path)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def parse(self, index: int) -> MMRRecord:
+        raw = self.raw[index]
+        record_id = record_label(self.file_label, index, raw)
+        try:
+            return parse_record(raw, record_id, self.image_root, self.check_images,
+                                allow_no_target=self.allow_no_target)
+        except BadRecord as e:
+            raise BadRecord(e.reason, f"{self.json_path} record {index}: {e}", "mmr",
+                            record_id) from None
+
+
+class _ArrayRecordExamples:
+    """Lazy records of a built MMR split (``m2sa_jax.data.tfds_mmr``): example ``i`` → its
+    MMRRecord, image bytes included. Only the examples asked for are read."""
+
+    def __init__(self, data_dir: str, split: str, allow_no_target: bool):
+        # tensorflow_datasets takes seconds to import; only this format needs it.
+        from m2sa_jax.data import tfds_mmr
+
+        if split not in tfds_mmr.SPLIT_FILES:
+            raise ValueError(f"MMR split {split!r}: choose from {list(tfds_mmr.SPLIT_FILES)}")
+        try:
+            self.source = tfds_mmr.data_source(data_dir, split)
+        except Exception as e:      # tfds raises several types for a missing or partial build
+            raise FileNotFoundError(
+                f"{data_dir}: no array_record MMR split {split!r} ({type(e).__name__}: {e}); "
+                f"build it with python -m m2sa_jax.data.tfds_mmr --manual_dir DIR --data_dir "
+                f"{data_dir}, or set data.mmr_format=json") from e
+        self.decode = tfds_mmr.decode_example
+        self.allow_no_target = allow_no_target
+        self.where = f"{data_dir} {split}"
+        self.file_label = tfds_mmr.SPLIT_FILES[split]     # example i is record i of this file
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def parse(self, index: int) -> MMRRecord:
+        record, image = self.decode(self.source[index])
+        record_id = record_label(self.file_label, index, record)
+        try:
+            return parse_record(record, record_id, f"{self.where} example {index}",
+                                image_bytes=image, allow_no_target=self.allow_no_target)
+        except BadRecord as e:
+            raise BadRecord(e.reason, f"{self.where} example {index}: {e}", "mmr",
+                            record_id) from None
 
 
 class MMRDataset:
@@ -226,7 +316,8 @@ class MMRDataset:
     def __init__(self, json_path: str, image_root: str, *, max_questions: int = 3,
                  prompt: str = "train", released_pairing: bool = False, strict: bool = False,
                  skips: SkipCounter | None = None, check_images: bool = True,
-                 validate_masks: bool = False):
+                 validate_masks: bool = False, allow_no_target: bool = False,
+                 lazy_records=None):
         if prompt not in ("train", "val", "raw"):
             raise ValueError(f"prompt must be 'train', 'val' or 'raw', not {prompt!r}")
         self.json_path, self.image_root = json_path, image_root
@@ -235,35 +326,43 @@ class MMRDataset:
         if strict:
             self.skips.strict = True
         self.records: list[MMRRecord] = []
+        self.lazy = lazy_records            # see training_split: records parsed when drawn
+        if lazy_records is not None:
+            return
         file_label = os.path.basename(json_path)
         seen_ids: dict[Any, str] = {}
         for index, raw in enumerate(read_json_records(json_path)):
             image_id = raw.get("image_id") if isinstance(raw, dict) else None
-            record_id = f"{file_label} record {index} (image_id {image_id})"
+            record_id = record_label(file_label, index, raw)
             try:
                 if image_id is not None and image_id in seen_ids:
                     raise BadRecord("duplicate_image", f"image_id {image_id} already read as "
                                     f"{seen_ids[image_id]}; keep one record per image")
-                record = parse_record(raw, record_id, image_root, check_images)
+                record = parse_record(raw, record_id, image_root, check_images,
+                                      allow_no_target=allow_no_target)
                 if validate_masks:
                     for refs in record.masks:
                         for ref in refs:
                             ref.decode()
             except BadRecord as e:
                 self.skips.add(e.reason, record_id, f"{json_path} record {index} "
-                               f"(image_id {image_id}): {e}")
+                               f"(image_id {image_id}): {e}", self.name)
                 continue
             if image_id is not None:
                 seen_ids[image_id] = record_id
             self.records.append(record)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) if self.lazy is None else len(self.lazy)
+
+    def record(self, index: int) -> MMRRecord:
+        """Record ``index`` (lazy datasets parse it now and raise BadRecord if it is bad)."""
+        return self.records[index] if self.lazy is None else self.lazy.parse(index)
 
     def sample(self, index: int, rng: np.random.Generator | None = None,
                all_questions: bool = False) -> Sample:
         """A Sample of record ``index``: up to ``max_questions`` (or all) questions with their masks."""
-        rec = self.records[index]
+        rec = self.record(index)
         n = len(rec.questions)
         if all_questions or n <= self.max_questions:
             picked = list(range(n))
@@ -275,7 +374,7 @@ class MMRDataset:
         answers = [self._phrase_answer(rec.answers[i]) for i in answer_rows]
         return Sample(source=self.name, record_id=rec.record_id, image_path=rec.image_path,
                       questions=questions, answers=answers, masks=[rec.masks[i] for i in answer_rows],
-                      height=rec.height, width=rec.width,
+                      height=rec.height, width=rec.width, image_bytes=rec.image_bytes,
                       extra={"image_id": rec.image_id, "question_index": picked,
                              "raw_questions": [rec.questions[i] for i in picked]})
 
@@ -294,4 +393,24 @@ def mmr_split_path(mmr_root: str, split: str) -> str:
     """``split`` as "train", "val", "test_mixed", ... or a file name → the JSON path."""
     name = split if split.endswith(".json") else f"MMR_{split}.json"
     return os.path.join(mmr_root, name)
+
+
+MMR_FORMATS = ("json", "array_record")
+
+
+def training_split(mmr_root: str, image_root: str, split: str = "train", *, fmt: str = "json",
+                   **kwargs) -> MMRDataset:
+    """A lazily read MMR split for training (module doc): ``fmt="json"`` reads
+    ``mmr_root/MMR_{split}.json`` with images under ``image_root``; ``fmt="array_record"``
+    reads the split built into the TFDS ``data_dir`` ``mmr_root`` (images inside it). Both give
+    the same samples in the same order. ``kwargs``: MMRDataset's sampling options."""
+    allow_no_target = kwargs.pop("allow_no_target", False)
+    if fmt == "json":
+        path = mmr_split_path(mmr_root, split)
+        records = _JsonRecords(path, image_root, kwargs.pop("check_images", True), allow_no_target)
+        return MMRDataset(path, image_root, lazy_records=records, **kwargs)
+    if fmt == "array_record":
+        records = _ArrayRecordExamples(mmr_root, split, allow_no_target)
+        return MMRDataset(f"{mmr_root} {split}", "", lazy_records=records, **kwargs)
+    raise ValueError(f"MMR format {fmt!r}: choose from {MMR_FORMATS}")
 

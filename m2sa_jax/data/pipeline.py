@@ -15,6 +15,18 @@ questions. Padding is explicit: ``image_valid``, ``conv_valid``, ``attention_mas
 ``target_valid`` (the masks of conversation ``c`` are ``gt_masks[c, :n_c]``, in [SEG] order) and
 the true mask sizes (``original_hw`` of the conversation's image; masks are zero-padded
 bottom/right to ``mask_hw``). :func:`batches` fills batches greedily from a stream of examples.
+
+Images larger than the mask canvas (training only; Mapillary Vistas photos are 1920×1080 to
+4000×3000 and more): :func:`prepare_example` with ``canvas_hw`` scores their masks on the grid
+SAM resizes the image to, scaled to fit the canvas (:func:`grid_hw`; for a square canvas equal
+to the SAM input size it *is* SAM's resized grid, so the logits are only cropped). The ground
+truth is reduced to that grid by area (:func:`grid_masks`: each cell holds the fraction of it
+the mask covers), and the batch's ``original_hw`` is that grid's size, so the model's
+postprocessing, the pixel mask and the losses all work on it. BCE and Dice are linear in the
+target, so a cell with coverage ``f`` weighs exactly as its ``f·n`` covered pixels would if the
+logit were constant over the cell; what remains is the logits' variation inside a cell
+(``python -m bench.mask_loss_grid`` measures it; docs/training.md has the figures). Such
+batches carry ``gt_masks`` as uint8 coverage (255 = inside: ``collate(coverage=True)``).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import dataclasses
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from m2sa_jax.data import conversation, images, preprocess
 from m2sa_jax.data.skips import SkipCounter
@@ -46,14 +59,52 @@ class Example:
     labels: list[list[str]]               # category / part name per target
     kinds: list[list[str]]                # "object" / "part" per target
     questions: list[str]
+    # The size the masks are stored and scored at: ``original_hw``, or for an image larger than
+    # the canvas given to prepare_example, its grid (module doc); masks are then uint8 coverage.
+    target_hw: tuple[int, int] | None = None
+    skip_events: tuple = ()               # records skipped while drawing this one (mixture)
+
+    @property
+    def scored_hw(self) -> tuple[int, int]:
+        return tuple(self.target_hw or self.original_hw)
+
+
+def grid_hw(original_hw: Sequence[int], canvas_hw: Sequence[int]) -> tuple[int, int]:
+    """The size masks of an ``original_hw`` image are scored at on a ``canvas_hw`` canvas: the
+    original size when it fits, else scaled down to fit with the aspect kept (segment_anything's
+    rounding, so that a square canvas equal to the SAM input size gives SAM's resized size)."""
+    h, w = int(original_hw[0]), int(original_hw[1])
+    ch, cw = int(canvas_hw[0]), int(canvas_hw[1])
+    if h <= ch and w <= cw:
+        return h, w
+    scale = min(ch * 1.0 / h, cw * 1.0 / w)
+    return min(max(int(h * scale + 0.5), 1), ch), min(max(int(w * scale + 0.5), 1), cw)
+
+
+def grid_masks(masks: np.ndarray, hw: Sequence[int]) -> np.ndarray:
+    """bool [n, H, W] → uint8 [n, h, w]: the fraction of each grid cell a mask covers, × 255
+    (area average: PIL's box filter, exact for non-integer ratios, rounded to 1/255)."""
+    h, w = int(hw[0]), int(hw[1])
+    out = np.zeros((len(masks), h, w), np.uint8)
+    for i, m in enumerate(masks):
+        image = Image.fromarray(np.asarray(m, np.uint8) * np.uint8(255))
+        out[i] = np.asarray(image.resize((w, h), Image.BOX))
+    return out
 
 
 def prepare_example(sample: Sample, tokenizer: LegacyLlamaTokenizer, sam_size: int = preprocess.SAM_IMAGE_SIZE,
                     clip_size: int = preprocess.CLIP_IMAGE_SIZE, multi_round: bool = False,
-                    max_length: int | None = None) -> Example:
-    """Decodes and tokenises one sample (raises BadRecord naming the record)."""
+                    max_length: int | None = None,
+                    canvas_hw: Sequence[int] | None = None) -> Example:
+    """Decodes and tokenises one sample (raises BadRecord naming the record).
+
+    ``canvas_hw``: masks of an image larger than this are reduced to its grid (module doc);
+    without it they stay at the original size. A sample marked ``multi_round`` (VQA) is one
+    conversation of all its turns whatever ``multi_round`` says."""
+    multi_round = multi_round or sample.multi_round
     convs = conversation.tokenize_sample(sample, tokenizer, multi_round, max_length)
-    image = images.load_rgb(sample.image_path)
+    image = (images.load_rgb(sample.image_path) if sample.image_bytes is None
+             else images.decode_rgb(sample.image_bytes, sample.image_path))
     h, w = image.shape[:2]
     if (sample.height or sample.width) and (sample.height, sample.width) != (h, w):
         raise BadRecord("image_size_mismatch", f"{sample.record_id}: {sample.image_path} is {h}x{w} but "
@@ -74,10 +125,14 @@ def prepare_example(sample: Sample, tokenizer: LegacyLlamaTokenizer, sam_size: i
         masks.append(np.stack(decoded) if decoded else np.zeros((0, h, w), bool))   # [n, H, W]
         labels.append([r.label for r in refs])
         kinds.append([r.kind for r in refs])
+    target_hw = (h, w) if canvas_hw is None else grid_hw((h, w), canvas_hw)
+    if target_hw != (h, w):
+        masks = [grid_masks(m, target_hw) for m in masks]                  # uint8 [n, h', w']
     sam_image, resized_hw, original_hw = preprocess.sam_preprocess(image, sam_size)
     clip_image = preprocess.clip_preprocess(image, clip_size)
     return Example(sample.record_id, sample.source, sam_image, tuple(resized_hw), tuple(original_hw),
-                   clip_image, convs, masks, labels, kinds, list(sample.questions))
+                   clip_image, convs, masks, labels, kinds, list(sample.questions),
+                   target_hw=target_hw, skip_events=tuple(sample.skip_events))
 
 
 def iter_examples(samples: Iterable[Sample], tokenizer: LegacyLlamaTokenizer, skips: SkipCounter,
@@ -132,15 +187,21 @@ class BatchShapes:
             return (f"{len(example.conversations)} conversations exceed the batch's {self.conversations}")
         if any(len(m) > self.max_targets for m in example.masks):
             return f"a conversation has more than max_targets={self.max_targets} targets"
-        if example.original_hw[0] > self.mask_hw[0] or example.original_hw[1] > self.mask_hw[1]:
+        mh, mw = example.scored_hw
+        if mh > self.mask_hw[0] or mw > self.mask_hw[1]:
             return f"image {example.original_hw} is larger than mask_hw {self.mask_hw}"
         if max(len(c.input_ids) for c in example.conversations) > max(self.token_buckets):
             return f"a conversation is longer than the largest token bucket {max(self.token_buckets)}"
         return None
 
 
-def collate(examples: Sequence[Example], shapes: BatchShapes, pad_id: int) -> dict[str, np.ndarray]:
-    """A batch of static shapes (module doc) from examples that fit it together."""
+def collate(examples: Sequence[Example], shapes: BatchShapes, pad_id: int,
+            coverage: bool = False) -> dict[str, np.ndarray]:
+    """A batch of static shapes (module doc) from examples that fit it together.
+
+    ``gt_masks`` is bool, or with ``coverage`` uint8 (255 inside, the covered fraction × 255 on
+    a reduced grid; what training uses, so that every batch has one dtype). ``original_hw`` is
+    the size the masks are scored at (``Example.scored_hw``)."""
     if len(examples) > shapes.images:
         raise ValueError(f"{len(examples)} examples for a batch of {shapes.images} images")
     convs = [(i, c, ex.masks[k]) for i, ex in enumerate(examples) for k, c in enumerate(ex.conversations)]
@@ -162,14 +223,14 @@ def collate(examples: Sequence[Example], shapes: BatchShapes, pad_id: int) -> di
         "attention_mask": np.zeros((n_conv, t_len), bool),
         "conv_image_index": np.zeros((n_conv,), np.int32),
         "conv_valid": np.zeros((n_conv,), bool),
-        "gt_masks": np.zeros((n_conv, n_tgt, mh, mw), bool),               # [B_conv, N_tgt, Hm, Wm]
+        "gt_masks": np.zeros((n_conv, n_tgt, mh, mw), np.uint8 if coverage else bool),  # [B_conv, N_tgt, Hm, Wm]
         "target_valid": np.zeros((n_conv, n_tgt), bool),
     }
     for i, ex in enumerate(examples):
         out["sam_images"][i] = ex.sam_image
         out["clip_images"][i] = ex.clip_image
         out["resized_hw"][i] = ex.resized_hw
-        out["original_hw"][i] = ex.original_hw
+        out["original_hw"][i] = ex.scored_hw
         out["image_valid"][i] = True
     for c, (i, conv, masks) in enumerate(convs):
         n = len(conv.input_ids)
@@ -180,7 +241,12 @@ def collate(examples: Sequence[Example], shapes: BatchShapes, pad_id: int) -> di
         out["conv_valid"][c] = True
         if len(masks) > n_tgt:
             raise ValueError(f"{examples[i].record_id}: {len(masks)} targets > max_targets {n_tgt}")
-        h, w = examples[i].original_hw
+        h, w = examples[i].scored_hw
+        if coverage and masks.dtype == bool:
+            masks = masks.astype(np.uint8) * np.uint8(255)
+        elif not coverage and masks.dtype != bool:
+            raise ValueError(f"{examples[i].record_id}: masks reduced to a grid need "
+                             "collate(coverage=True)")
         out["gt_masks"][c, :len(masks), :h, :w] = masks
         out["target_valid"][c, :len(masks)] = True
     return out

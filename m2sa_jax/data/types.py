@@ -21,11 +21,21 @@ IGNORE_INDEX = -100
 
 
 class BadRecord(ValueError):
-    """A record that cannot be used. ``reason`` is a short key used for counting."""
+    """A record that cannot be used. ``reason`` is a short key used for counting; ``source``
+    the dataset it came from ("mmr", "mapillary", ...) and ``record`` its id, where the raiser
+    or a caller on the way up knows them; ``skip_events`` the records left out before it in the
+    same draw (``data.skips.SkipEvent``), so that they are counted with it."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, source: str = "", record: str = "",
+                 skip_events: tuple = ()):
         super().__init__(message)
         self.reason = reason
+        self.source = source
+        self.record = record
+        self.skip_events = tuple(skip_events)
+
+    def __reduce__(self):          # pickles whole (worker processes), not as ValueError(message)
+        return type(self), (self.reason, str(self), self.source, self.record, self.skip_events)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +63,10 @@ class Sample:
     height: int = 0
     width: int = 0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    multi_round: bool = False         # all turns form one conversation (VQA), not one each
+    image_bytes: bytes | None = None  # the encoded image, when the record carries it (array_record)
+    # records left out while this one was drawn (the mixture's redraws), counted when it is used
+    skip_events: tuple = ()
 
     @property
     def num_targets(self) -> int:

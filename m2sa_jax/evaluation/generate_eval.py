@@ -9,6 +9,12 @@ against the k-th target; with fewer masks the remaining targets get an empty pre
 IoU 0, its pixels join the cIoU union; 1.0 if that target is empty too); with more, the extra
 masks are counted and reported but match no target. How often each happens is part of the
 result (``exact``, ``fewer``, ``more``, ``missing_masks``, ``extra_masks``).
+
+Questions without a target (an answer with no [SEG], from a dataset read with
+``allow_no_target``) are scored by what the model says: ``no_target_questions`` counts them,
+``false_positives`` those it answered with masks (the masks are also ``extra_masks``); a
+question with targets answered without any [SEG] is a miss (``misses``; each of its targets an
+empty prediction, as above). All of them go into the metrics JSON (``generate``).
 """
 
 from __future__ import annotations
@@ -21,13 +27,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from m2sa_jax.data.images import decode_rgb
 from m2sa_jax.data.types import BadRecord, Sample
 from m2sa_jax.inference.overlay import overlay
 from m2sa_jax.inference.predictor import read_image
 from m2sa_jax.evaluation.results import ResultsFile, restore_or_start, save_state
 from m2sa_jax.evaluation.metrics import SegmentationMetrics
 
-COUNTERS = ("exact", "fewer", "more", "missing_masks", "extra_masks")
+COUNTERS = ("exact", "fewer", "more", "missing_masks", "extra_masks", "misses",
+            "no_target_questions", "false_positives")
 
 
 def score_question(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None):
@@ -41,15 +49,18 @@ def score_question(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None =
     paired = np.zeros(gt.shape, bool)                   # [n, H, W]: empty where no mask came
     paired[:min(n, k)] = pred[:min(n, k)]
     counted = np.ones(gt.shape, bool) if ignore is None else ~ignore
-    inter = (paired & gt & counted).reshape(n, -1).sum(1)
-    union = ((paired | gt) & counted).reshape(n, -1).sum(1)
+    pixels = tuple(range(1, gt.ndim))                  # n may be 0: a no-target question
+    inter = (paired & gt & counted).sum(pixels)
+    union = ((paired | gt) & counted).sum(pixels)
     return inter.astype(np.int64), union.astype(np.int64), max(n - k, 0), max(k - n, 0)
 
 
 def _prepare(predictor, sample: Sample):
     """(rgb, gt per question, ignore per question) or BadRecord."""
     try:
-        rgb = read_image(sample.image_path, predictor.max_image_pixels)
+        image = (sample.image_path if sample.image_bytes is None     # array_record: inside
+                 else decode_rgb(sample.image_bytes, sample.image_path))
+        rgb = read_image(image, predictor.max_image_pixels, name=sample.image_path)
     except (ValueError, OSError) as e:
         raise BadRecord("unreadable_image", f"{sample.record_id}: {e}") from None
     h, w = rgb.shape[:2]
@@ -107,6 +118,9 @@ def evaluate_generate(predictor, samples: Sequence[Sample], *, split: str,
                 counters["exact" if not (missing or extra) else "fewer" if missing else "more"] += 1
                 counters["missing_masks"] += missing
                 counters["extra_masks"] += extra
+                counters["misses"] += int(len(gt) > 0 and len(res.masks) == 0)
+                counters["no_target_questions"] += int(len(gt) == 0)
+                counters["false_positives"] += int(len(gt) == 0 and len(res.masks) > 0)
                 inters.append(inter)
                 unions.append(union)
                 record_ids += [sample.record_id] * len(gt)
@@ -117,7 +131,8 @@ def evaluate_generate(predictor, samples: Sequence[Sample], *, split: str,
                     _overlay(overlay_dir, drawn, sample, i, rgb, res, gt)
                     drawn += 1
             stats["images"] += 1
-        metrics.update(split, np.concatenate(inters), np.concatenate(unions), record_ids, kinds)
+        metrics.update(split, np.concatenate(inters), np.concatenate(unions), record_ids, kinds,
+                       records=[s.record_id for s, *_ in prepared])   # no-target ones too
         stats["batches"] += 1
         bar.update(len(todo[first:first + group]))
         if stats["batches"] % max(save_every, 1) == 0:

@@ -148,12 +148,14 @@ class SegmentationMetrics:
         self._done: dict[str, set[str]] = {}
 
     def update(self, split: str, intersection, union, record_ids: Sequence[str],
-               kinds: Sequence[str], valid=None) -> None:
+               kinds: Sequence[str], valid=None, records: Sequence[str] = ()) -> None:
         """Add one batch of per-mask counts.
 
         ``intersection``/``union``/``valid`` are [N] arrays (host or device); entries with
         ``valid`` False (padding) are dropped; ``record_ids``/``kinds`` are length-N lists
         (anything for padding entries). All masks of a record must come in one call.
+        ``records``: ids scored in this call that have no mask (questions without a target),
+        so that they count as done too.
         """
         inter = np.asarray(intersection).astype(np.int64)
         uni = np.asarray(union).astype(np.int64)
@@ -165,7 +167,7 @@ class SegmentationMetrics:
                 f"record_ids and kinds must all have length {n}; got union {uni.shape}, "
                 f"valid {keep.shape}, {len(record_ids)} record ids, {len(kinds)} kinds")
         done = self._done.setdefault(split, set())
-        batch_records = {record_ids[i] for i in range(n) if keep[i]}
+        batch_records = {record_ids[i] for i in range(n) if keep[i]} | set(records)
         repeated = sorted(batch_records & done)
         if repeated:
             raise ValueError(

@@ -15,7 +15,7 @@ from typing import Sequence
 import jax
 
 from m2sa_jax.checkpoints.resolve import describe_kinds, resolve
-from m2sa_jax.data import benchmarks, synthetic
+from m2sa_jax.data import benchmarks, mixed, synthetic
 from m2sa_jax.data.pipeline import BatchShapes
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import Sample
@@ -62,14 +62,21 @@ def load_samples(cfg) -> tuple[list[Sample], SkipCounter]:
         return e[key]
 
     if name == "mmr":
-        root, images = e.get("mmr_root"), e.get("image_root")
+        root, images, fmt = e.get("mmr_root"), e.get("image_root"), "json"
         if not root and cfg.data.kind == "synthetic":
             root, _ = synthetic.prepare(cfg.data)
             images = images or os.path.join(root, "images")
+        elif not root:                  # the training data's MMR (mixture: under data.root)
+            root, data_images = mixed.mmr_roots(cfg.data)
+            images, fmt = images or data_images, cfg.data.get("mmr_format") or "json"
         if not root:
             raise ValueError("eval.dataset=mmr needs --config.eval.mmr_root=DIR (the MMR_*.json "
-                             "files) and --config.eval.image_root=DIR (the COCO images)")
-        return benchmarks.mmr(root, images or need("image_root"), split)
+                             "files) and --config.eval.image_root=DIR (the COCO images), or a "
+                             "config whose data.root (mixture) or data.mmr_root says where MMR is")
+        if fmt == "json":
+            images = images or need("image_root")
+        return benchmarks.mmr(root, images, split, fmt=fmt,
+                              allow_no_target=bool(cfg.data.get("allow_no_target")))
     if name == "reasonseg":
         return benchmarks.reason_seg(os.path.join(need("reasonseg_root"), split))
     if name == "refcocom":

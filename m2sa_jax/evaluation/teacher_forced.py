@@ -24,11 +24,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from m2sa_jax import sharding
-from m2sa_jax.data.mmr import MMRDataset, mmr_split_path
+from m2sa_jax.data.mmr import MMRDataset, mmr_split_path, training_split
 from m2sa_jax.data.pipeline import BatchShapes, Example, collate, iter_examples
 from m2sa_jax.data.preprocess import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from m2sa_jax.data.skips import SkipCounter
-from m2sa_jax.data.types import Sample
+from m2sa_jax.data.types import BadRecord, Sample
 from m2sa_jax.evaluation.metrics import SegmentationMetrics
 from m2sa_jax.evaluation.report import print_table
 from m2sa_jax.evaluation.results import ResultsFile, restore_or_start, save_state
@@ -224,6 +224,27 @@ def _image_of(ex: Example) -> np.ndarray:
                                                   Image.BILINEAR))
 
 
+def held_out_samples(cfg, root: str, images: str) -> list[Sample]:
+    """Every question of the run's held-out split (``eval.split``) of its MMR-format data, in
+    ``data.mmr_format`` (the synthetic data is JSON); bad records are left out (the eager JSON
+    reader counts them in its own skips)."""
+    allow = bool(cfg.data.get("allow_no_target"))
+    fmt = "json" if cfg.data.kind == "synthetic" else cfg.data.get("mmr_format") or "json"
+    if fmt == "json":
+        dataset = MMRDataset(mmr_split_path(root, cfg.eval.split), images, prompt="val",
+                             allow_no_target=allow)
+        return [dataset.sample(i, all_questions=True) for i in range(len(dataset))]
+    dataset = training_split(root, images, cfg.eval.split, fmt=fmt, prompt="val",
+                             allow_no_target=allow)
+    samples = []
+    for i in range(len(dataset)):
+        try:
+            samples.append(dataset.sample(i, all_questions=True))
+        except BadRecord as e:
+            print(f"held-out split: skipped {e}")
+    return samples
+
+
 def split_evaluator(cfg) -> Callable:
     """The training loop's evaluation hook: teacher-forced gIoU/cIoU of the run's model on its
     held-out split (``eval.split`` of the run's MMR-format data), overall and per granularity,
@@ -231,9 +252,7 @@ def split_evaluator(cfg) -> Callable:
     evaluator=split_evaluator(cfg))``."""
 
     def evaluate_split(label, model, params, built, overlay_dir, progress):
-        dataset = MMRDataset(mmr_split_path(built.root, cfg.eval.split), built.images,
-                             prompt="val")
-        samples = [dataset.sample(i, all_questions=True) for i in range(len(dataset))]
+        samples = held_out_samples(cfg, built.root, built.images)
         most = max((len(s.questions) for s in samples), default=1)
         ipb = cfg.eval.images_per_batch
         shapes = BatchShapes(images=ipb, conversations=ipb * most,

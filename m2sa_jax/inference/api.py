@@ -170,6 +170,7 @@ def api_router(service: "Service") -> APIRouter:
             model_ms = sum(v for k, v in result.timings.items() if k.endswith("_ms"))
             out.append({"question": result.question, "answer": result.answer,
                         "labels": result.labels, "masks": mask_records(result, fmt),
+                        "no_target": not result.labels,        # the answer has no [SEG]
                         "height": int(h), "width": int(w),
                         "timings": {"queue_ms": round(1e3 * queued, 1),
                                     "model_ms": round(model_ms, 1),

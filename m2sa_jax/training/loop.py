@@ -21,7 +21,7 @@ import numpy as np
 
 from m2sa_jax import sharding
 from m2sa_jax.data import mixed, synthetic
-from m2sa_jax.data.mmr import MMRDataset, mmr_split_path
+from m2sa_jax.data.mmr import MMRDataset, mmr_split_path, training_split
 from m2sa_jax.data.pipeline import BatchShapes
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.train_stream import StreamConfig, TrainStream
@@ -45,15 +45,13 @@ def check_data_kind(cfg) -> str:
 
 
 def data_roots(cfg) -> tuple[str, str]:
-    """The MMR split folder and its image root for a non-synthetic config: the held-out split
-    is read from there, and so is the training split for ``data.kind = "mmr"``. For the
-    mixture, unset ``data.mmr_root`` / ``data.image_root`` default to the dataset root's
-    layout (docs/datasets.md). Without a root they stay as set (eval.py and the export build a
-    model from a paper config without any training data)."""
-    if check_data_kind(cfg) == "mmr" or not cfg.data.get("root"):
-        return cfg.data.mmr_root, cfg.data.image_root
-    return (cfg.data.get("mmr_root") or mixed.default_mmr_root(cfg.data.root),
-            cfg.data.get("image_root") or mixed.default_mmr_image_root(cfg.data.root))
+    """The MMR split folder and its image root for a non-synthetic config
+    (:func:`m2sa_jax.data.mixed.mmr_roots`): the held-out split is read from there, and so is
+    the training split for ``data.kind = "mmr"`` and the mixture's MMR group. Without a root
+    they stay as set (eval.py and the export build a model from a paper config without any
+    training data)."""
+    check_data_kind(cfg)
+    return mixed.mmr_roots(cfg.data)
 
 
 class Built(NamedTuple):
@@ -149,14 +147,22 @@ def _train_stream(cfg, config, tokenizer, root, images, skips, *, shard_index=No
             cfg.data.root, seed=cfg.seed, draws_per_epoch=max(draws, shapes.images * hosts),
             ratios=dict(cfg.data.ratios), sem_seg=tuple(cfg.data.sem_seg),
             refer_seg=tuple(cfg.data.refer_seg), vqa_data=cfg.data.vqa_data,
-            mmr_json=mmr_split_path(root, "train"), mmr_image_root=images,
-            max_questions=cfg.data.max_questions, released_pairing=cfg.data.released_pairing,
-            skips=skips)
+            mmr_root=root, mmr_format=cfg.data.mmr_format, mmr_image_root=images,
+            allow_no_target=cfg.data.allow_no_target, max_questions=cfg.data.max_questions,
+            released_pairing=cfg.data.released_pairing)
         epochs = 1
-    else:
+    elif cfg.data.kind == "synthetic":        # generated, valid by construction: read once
         dataset = MMRDataset(mmr_split_path(root, "train"), images,
                              max_questions=cfg.data.max_questions, prompt="train",
                              released_pairing=cfg.data.released_pairing, skips=skips)
+    else:
+        # read record by record in either format (data.mmr_format): the same samples in the
+        # same order; a bad record is skipped and counted when it is drawn
+        dataset = training_split(root, images, "train", fmt=cfg.data.mmr_format,
+                                 max_questions=cfg.data.max_questions, prompt="train",
+                                 released_pairing=cfg.data.released_pairing,
+                                 allow_no_target=cfg.data.allow_no_target)
+    if cfg.data.kind != "mixture":
         per_epoch = max(1, len(dataset) // shapes.images)
         epochs = max(1, math.ceil(cfg.train.steps * cfg.train.grad_accum / per_epoch) + 1)
     return TrainStream(dataset, tokenizer, StreamConfig(
@@ -233,7 +239,7 @@ def train(cfg, workdir: str, *, evaluator: Callable | None = None, progress: boo
         while step < cfg.train.steps and stopped is None:
             batch = _next_batch(stream, cfg.train.grad_accum)
             # examples split over (data, fsdp): the data-parallel part of the mesh
-            state, m = step_fn(state, sharding.put_batch(batch, mesh, cfg.train.grad_accum > 1))
+            state, m = step_fn(state, sharding.put_host_batch(batch, mesh, cfg.train.grad_accum > 1))
             step += 1
             m = jax.device_get(m)
             writer.on_step(step, state, m, batch)
@@ -245,7 +251,10 @@ def train(cfg, workdir: str, *, evaluator: Callable | None = None, progress: boo
         rules.close()
     saver.on_end(step, state)
     summary.update(steps=step, losses=writer.losses, stopped=stopped, skipped=dict(skips.counts),
+                   skipped_by_source=skips.per_source(),
                    train_seconds=writer.seconds())
+    if skips.total:
+        print(skips.summary())
     if writer.nonfinite_steps:
         summary["nonfinite_steps"] = writer.nonfinite_steps
     if stopped in ("SIGTERM", "SIGINT", "stop_after"):

@@ -100,10 +100,21 @@ def pixel_valid_mask(original_sizes, seg_image, mask_size):
     return ys & xs
 
 
+def mask_targets(gt_masks):
+    """Ground truth as float32 in [0, 1]: bool masks, or uint8 coverage (255 = inside; the
+    grid-reduced masks of images larger than the canvas, ``data.pipeline.grid_masks``)."""
+    if gt_masks.dtype == jnp.uint8:
+        return gt_masks.astype(jnp.float32) / 255.0
+    return gt_masks.astype(jnp.float32)
+
+
 def compute_losses(outputs, batch: Mapping[str, Any], *, ce_weight: float, bce_weight: float,
                    dice_weight: float):
     """SPEC §4 losses of a forward on a collated batch. Targets are ``gt_masks`` [Q, N, H, W]
-    with ``target_valid`` [Q, N] in [SEG] order; padded conversations carry no labels."""
+    (bool, or uint8 coverage: :func:`mask_targets`) with ``target_valid`` [Q, N] in [SEG]
+    order; padded conversations carry no labels. A batch without any target (every answer
+    without [SEG], e.g. LLaVA-Instruct or a no-target MMR question) has BCE = Dice = 0: the
+    per-image sums are empty and divided by 0 + 1e-8, as in the public code."""
     q, n, mh, mw = batch["gt_masks"].shape
     exp_labels = expand_labels(batch["labels"], outputs["text_to_expanded"],
                                outputs["logits"].shape[1])
@@ -111,6 +122,6 @@ def compute_losses(outputs, batch: Mapping[str, Any], *, ce_weight: float, bce_w
     pv = pixel_valid_mask(batch["original_hw"], outputs["seg_image"], (mh, mw))
     return m2sa_loss(
         outputs["logits"], exp_labels, outputs["mask_logits"],
-        batch["gt_masks"].reshape(q * n, mh, mw), valid, pv, outputs["seg_image"],
+        mask_targets(batch["gt_masks"]).reshape(q * n, mh, mw), valid, pv, outputs["seg_image"],
         batch["sam_images"].shape[0], ce_weight=ce_weight, bce_weight=bce_weight,
         dice_weight=dice_weight)

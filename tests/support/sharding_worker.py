@@ -11,7 +11,8 @@ fresh interpreter:
 
 Each mesh runs the training code paths the loop uses: parameters, LoRA factors and Adam moments
 created under ``jax.jit(..., out_shardings=...)`` straight into the rules' layout
-(:func:`sharding.state_shardings`), the batch placed with :func:`sharding.put_batch`, and
+(:func:`sharding.state_shardings`), the batch placed with :func:`sharding.put_batch` (with
+several processes, each process's part of it with :func:`sharding.put_host_batch`), and
 :func:`step.make_train_step` jitted with those shardings and the state donated. For each mesh
 the file holds the loss (``<mesh>/loss``) and every leaf of the updated state gathered to the
 host (``<mesh>/<path>``).
@@ -135,7 +136,15 @@ def run_step(mesh, memory: bool = False) -> tuple[float, dict]:
                  opt_state=jax.jit(step.optimizer.init, out_shardings=state_sh["opt_state"])(v),
                  rng=jax.random.key_data(jax.random.key(2)), nonfinite=jnp.zeros((), jnp.int32))
     state = sharding.put_global(state, state_sh)
-    batch = sharding.put_batch(host_batch, mesh)
+    if jax.process_count() > 1:
+        # each process builds only its part of the global batch, image indices local, as
+        # TrainStream does on each host; put_host_batch assembles (and re-indexes) the whole
+        p, n = jax.process_index(), jax.process_count()
+        part = {k: np.split(v, n)[p] for k, v in host_batch.items()}
+        part["conv_image_index"] = part["conv_image_index"] - np.int32(p * IMAGES // n)
+        batch = sharding.put_host_batch(part, mesh)
+    else:
+        batch = sharding.put_batch(host_batch, mesh)
     t1 = time.perf_counter()
     new_state, metrics = step.fn(state, batch)
     loss = float(metrics["loss"])

@@ -8,9 +8,9 @@ from typing import Sequence
 
 
 from m2sa_jax.data.conversation import validation_answer, validation_question
-from m2sa_jax.data.mmr import MMRDataset
+from m2sa_jax.data.mmr import MMRDataset, training_split
 from m2sa_jax.data.skips import SkipCounter
-from m2sa_jax.data.types import Sample
+from m2sa_jax.data.types import BadRecord, Sample
 
 
 MMR_SPLITS = {
@@ -40,19 +40,33 @@ def with_eval_turns(sample: Sample, questions: Sequence[str] | None = None,
 # ----------------------------------------------------------------------------------- MMR
 
 def mmr(mmr_root: str, image_root: str, split: str = "val", strict: bool = False,
-        **reader_kwargs) -> tuple[list[Sample], SkipCounter]:
+        fmt: str = "json", **reader_kwargs) -> tuple[list[Sample], SkipCounter]:
     """An MMR split (``val``, ``test_mixed``, ``test_obj_only``, ``test_part_only``) in
     validation mode: every question of every record, each with its own teacher-forced answer.
 
-    ``mmr_root`` holds the ``MMR_*.json`` files; ``image_root`` the COCO images the records'
-    ``file_name`` s resolve under. The MMR reader decides object/part per mask
+    ``mmr_root`` holds the ``MMR_*.json`` files (``fmt="json"``; ``image_root``: the COCO
+    images the records' ``file_name`` s resolve under), or the array_record splits built by
+    ``m2sa_jax.data.tfds_mmr`` (``fmt="array_record"``; the images are inside: each sample
+    carries its image file's bytes). The MMR reader decides object/part per mask
     (``MaskRef.kind``), which the metrics break down by; ``reader_kwargs`` go to it.
     """
     if split not in MMR_SPLITS:
         raise ValueError(f"MMR split {split!r} is not one of {sorted(MMR_SPLITS)}")
+    if fmt != "json":
+        return _mmr_records(training_split(mmr_root, image_root, split, fmt=fmt, prompt="raw",
+                                           **reader_kwargs), strict)
     dataset = MMRDataset(os.path.join(mmr_root, MMR_SPLITS[split]), image_root, prompt="raw",
                          strict=strict, **reader_kwargs)
     samples = [with_eval_turns(dataset.sample(i, all_questions=True)) for i in range(len(dataset))]
     return samples, dataset.skips
 
 
+def _mmr_records(dataset, strict: bool) -> tuple[list[Sample], SkipCounter]:
+    """Every record of a lazily read split; bad ones skipped and counted (raised if strict)."""
+    skips, samples = SkipCounter(strict=strict), []
+    for i in range(len(dataset)):
+        try:
+            samples.append(with_eval_turns(dataset.sample(i, all_questions=True)))
+        except BadRecord as e:
+            skips.add_error(e, e.record)
+    return samples, skips

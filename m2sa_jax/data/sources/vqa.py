@@ -3,7 +3,9 @@
 ``root/llava_dataset/llava_instruct_150k.json`` (a list of {"id", "image", "conversations":
 [{"from": "human"|"gpt", "value"}]}) with images in ``root/coco/train2017``. As in the public
 code: a leading non-human turn is dropped, turns must alternate human/gpt, and the ``<image>``
-mark is removed from the turn that carries it (the conversation template puts it first).
+mark is removed from the turn that carries it (the conversation template puts it first). All
+turns form one multi-round conversation (``Sample.multi_round``), as the public VQA dataset
+builds it, not one conversation per turn.
 """
 
 from __future__ import annotations
@@ -49,4 +51,5 @@ class VQASource:
         if not answers or len(questions) != len(answers):
             raise BadRecord("bad_turns", f"{self.json_path} record {record_id}: needs human/gpt pairs, got {len(questions)} questions and {len(answers)} answers")
         return Sample(source="vqa", record_id=record_id, image_path=os.path.join(self.image_dir, item["image"]),
-                      questions=questions, answers=answers, masks=[[] for _ in answers])
+                      questions=questions, answers=answers, masks=[[] for _ in answers],
+                      multi_round=True)
