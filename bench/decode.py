@@ -2,11 +2,16 @@
 same random weights, same machine, one process.
 
     python -m bench.decode [--hidden 512] [--layers 8] [--new 64] [--prompt 32] [--repeats 3]
+    python -m bench.decode --quantize int8,int4 [--repeats 5]
 
 For each batch size (``--batches``, default 1 and 4): tokens/s (generated tokens × batch / wall
 time, prefill included) of both, median [min–max] of ``--repeats`` runs alternating between
 the two after a warm-up each (JAX: the compile), the speed ratio and whether the greedy tokens
-agree. The environment is printed first.
+agree. With ``--quantize``, the same JAX decoder also runs with its weights quantized
+(m2sa_jax.quantization: LLM linear layers and lm_head, weight-only) as further sides of the
+same rounds: their tokens/s, the ratio to float32 and the share of tokens equal to float32's.
+``--prefill`` adds a JAX side that generates one token only (the prefill and one step), which
+splits the time into prefill and per-token work. The environment is printed first.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def build(args):
     return hf, jax.device_put(params), config
 
 
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,13 +57,18 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--quantize", default="", help="comma-separated schemes, e.g. int8,int4")
+    ap.add_argument("--prefill", action="store_true",
+                    help="also time JAX generating one token (prefill + one step)")
     common.add_arguments(ap)
     args = ap.parse_args(argv)
 
+    import jax
     import numpy as np
     import torch
 
-    from m2sa_jax.evaluation.decode import Generator
+    from m2sa_jax import quantization
+    from m2sa_jax.inference.decode import Generator
 
     common.set_torch_threads(args.threads)
     common.print_environment(
@@ -66,6 +77,13 @@ def main(argv=None) -> None:
                  f"prompt {args.prompt}, {args.new} new tokens")
     hf, params, config = build(args)
     gen = Generator(config, max_new_tokens=args.new, eos_id=None, bucket=args.prompt)
+    variants = {}
+    for scheme in (s for s in args.quantize.split(",") if s):
+        variants[scheme] = (
+            Generator(config, max_new_tokens=args.new, eos_id=None, bucket=args.prompt,
+                      quantization=scheme),
+            jax.block_until_ready(quantization.quantize_params(params, scheme)))
+    one = Generator(config, max_new_tokens=1, eos_id=None, bucket=args.prompt)
     rs = np.random.RandomState(0)
     kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
     for b in args.batches:
@@ -75,14 +93,27 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 return hf.generate(torch.tensor(ids), **kw).numpy()[:, args.prompt:]
 
-        runs = common.alternate({"JAX": lambda: gen(params, ids)["tokens"],
-                                 "PyTorch": run_torch},
-                                repeats=args.repeats, warmup=args.warmup)
+        sides = {"JAX": lambda: np.asarray(gen(params, ids)["tokens"]), "PyTorch": run_torch}
+        for name, (g, p) in variants.items():
+            sides[f"JAX {name}"] = lambda g=g, p=p: np.asarray(g(p, ids)["tokens"])
+        if args.prefill:
+            sides["JAX 1 token"] = lambda: np.asarray(one(params, ids)["tokens"])
+        runs = common.alternate(sides, repeats=args.repeats, warmup=args.warmup)
         jx, pt = runs["JAX"], runs["PyTorch"]
         same = np.mean(jx.result == pt.result)
         print(f"batch {b} (median [min–max] of {args.repeats}; tokens equal: {same:.0%}):")
-        common.report([jx, pt], units=b * args.new, unit="tok/s", label_width=8)
+        common.report([jx, pt], units=b * args.new, unit="tok/s", label_width=12)
         common.report_ratio(jx, pt, "speed JAX / PyTorch")
+        for name in variants:
+            q = runs[f"JAX {name}"]
+            common.report([q], units=b * args.new, unit="tok/s", label_width=12)
+            common.report_ratio(q, jx, f"speed {name} / float32")
+            print(f"  {name} tokens equal to float32's: {np.mean(q.result == jx.result):.0%}")
+        if args.prefill:
+            p1 = runs["JAX 1 token"]
+            per_token = (jx.median - p1.median) / max(args.new - 1, 1)
+            print(f"  JAX prefill + first token {p1.median * 1000:.1f} ms, then "
+                  f"{per_token * 1000:.2f} ms per token (medians)")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ full-size masks and scored).
 
 Both sides do the whole evaluation of the split, float32:
 
-- JAX: ``evaluation.runner.evaluate`` as eval.py runs it — image decoding, preprocessing and
-  tokenisation, static batches of ``--batch`` images, the jitted forward, gIoU/cIoU.
+- JAX: ``evaluation.teacher_forced.evaluate`` as eval.py runs it — image decoding,
+  preprocessing and tokenisation, static batches of ``--batch`` images, the jitted forward, gIoU/cIoU.
 - PyTorch: as the public evaluation runs it — the same preprocessing (m2sa_jax.data.pipeline,
   with the same ``--read-threads``), one image and its questions per forward, masks
   post-processed to the original size and scored per mask with the public code's 2-bin
@@ -159,14 +159,14 @@ def make_torch_side(ref, samples, tokenizer, sam_size, clip_size, read_threads):
 
 
 def make_jax_side(predictor, samples, shapes, sam_size, clip_size, read_threads):
-    from m2sa_jax.evaluation import runner
+    from m2sa_jax.evaluation import teacher_forced
 
-    mesh = runner.data_mesh()
-    forward = runner.make_forward(predictor.model)
-    variables = runner.replicate({"params": predictor.params}, mesh)
+    mesh = teacher_forced.data_mesh()
+    forward = teacher_forced.make_forward(predictor.model)
+    variables = teacher_forced.replicate({"params": predictor.params}, mesh)
 
     def run():
-        metrics, skips, _ = runner.evaluate(
+        metrics, skips, _ = teacher_forced.evaluate(
             forward, variables, samples, predictor.tokenizer, shapes, split="val",
             sam_size=sam_size, clip_size=clip_size, progress=False, mesh=mesh,
             read_threads=read_threads)
@@ -184,11 +184,11 @@ def first_image_difference(ref, forward, variables, mesh, examples, shapes, pad_
     import torch
 
     from m2sa_jax.data.pipeline import collate
-    from m2sa_jax.evaluation import runner
+    from m2sa_jax.evaluation import teacher_forced
 
     ex = examples[0]
     batch = collate([ex], shapes, pad_id)
-    logits = np.asarray(forward(variables, runner.place_batch(batch, mesh))["mask_logits"])
+    logits = np.asarray(forward(variables, teacher_forced.place_batch(batch, mesh))["mask_logits"])
     with torch.no_grad():
         want = ref(*torch_inputs(ex))["mask_logits"][0].numpy()       # [n, H, W]
     h, w = ex.original_hw
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         diff = first_image_difference(ref, forward, variables, mesh, examples, shapes,
                                       tok.pad_token_id)
         print(f"  batch shapes: {shapes}")
-        runs = common.alternate({"JAX (runner.evaluate)": jax_run,
+        runs = common.alternate({"JAX (teacher_forced.evaluate)": jax_run,
                                  "PyTorch reference (1 image/forward)": torch_run},
                                 repeats=args.repeats, warmup=args.warmup)
     jx, pt = runs.values()

@@ -48,6 +48,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from m2sa_jax.data import templates
+from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
+
 VERSION = 2    # bumped when the same arguments start giving different images or questions
 
 # kind → (width range, height range, what the object is for, {part: what it is for}) in draw order.
@@ -345,6 +348,33 @@ def generate(out_dir: str, train: int, val: int, seed: int = 0, size: int = 160)
     """Both splits; val image ids follow the train ones so ids are unique across the dataset."""
     return {"train": write_split(out_dir, "train", train, seed, size, first_image_id=1),
             "val": write_split(out_dir, "val", val, seed, size, first_image_id=train + 1)}
+
+
+def prepare(data) -> tuple[str, str]:
+    """The dataset a config's ``data`` section describes (``root``, ``train_images``,
+    ``val_images``, ``generator_seed``, ``vocab_size``, ``model_max_length``), generated with its
+    tokenizer on first use and regenerated when those values or the generator change. Returns
+    (root, tokenizer folder)."""
+    root = data.root
+    tok_dir = os.path.join(root, "tokenizer")
+    marker = os.path.join(root, "COMPLETE")
+    want = (f"{data.train_images} {data.val_images} {data.generator_seed} {data.vocab_size} "
+            f"v{VERSION}")
+    if not (os.path.isfile(marker) and open(marker).read() == want):
+        generate(root, data.train_images, data.val_images, seed=data.generator_seed)
+        corpus = []
+        for split in ("train", "val"):
+            with open(os.path.join(root, f"MMR_{split}.json")) as f:
+                for rec in json.load(f):
+                    corpus += rec["questions"] + [a.format(seg="") for a in rec["text_answers"]]
+        corpus += list(templates.long_questions(expand=True)) + [templates.VAL_QUESTION_TEMPLATE]
+        corpus += ["A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's "
+                   "questions. USER: ASSISTANT:"] * 50
+        build_tokenizer_folder(tok_dir, corpus, data.vocab_size, data.model_max_length)
+        with open(marker, "w") as f:
+            f.write(want)
+    return root, tok_dir
 
 
 def main(argv=None):
