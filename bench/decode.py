@@ -10,8 +10,8 @@ the two after a warm-up each (JAX: the compile), the speed ratio and whether the
 agree. With ``--quantize``, the same JAX decoder also runs with its weights quantized
 (m2sa_jax.quantization: LLM linear layers and lm_head, weight-only) as further sides of the
 same rounds: their tokens/s, the ratio to float32 and the share of tokens equal to float32's.
-``--prefill`` adds a JAX side that generates one token only (the prefill and one step), which
-splits the time into prefill and per-token work. The environment is printed first.
+``--prefill`` adds, for both frameworks, a side that generates one token only (the prefill),
+which splits the time into prefill and per-token work. The environment is printed first.
 """
 
 from __future__ import annotations
@@ -98,6 +98,13 @@ def main(argv=None) -> None:
             sides[f"JAX {name}"] = lambda g=g, p=p: np.asarray(g(p, ids)["tokens"])
         if args.prefill:
             sides["JAX 1 token"] = lambda: np.asarray(one(params, ids)["tokens"])
+            kw1 = dict(kw, max_new_tokens=1, min_new_tokens=1)
+
+            def torch_one():
+                with torch.no_grad():
+                    return hf.generate(torch.tensor(ids), **kw1).numpy()
+
+            sides["PyTorch 1 token"] = torch_one
         runs = common.alternate(sides, repeats=args.repeats, warmup=args.warmup)
         jx, pt = runs["JAX"], runs["PyTorch"]
         same = np.mean(jx.result == pt.result)
@@ -110,10 +117,11 @@ def main(argv=None) -> None:
             common.report_ratio(q, jx, f"speed {name} / float32")
             print(f"  {name} tokens equal to float32's: {np.mean(q.result == jx.result):.0%}")
         if args.prefill:
-            p1 = runs["JAX 1 token"]
-            per_token = (jx.median - p1.median) / max(args.new - 1, 1)
-            print(f"  JAX prefill + first token {p1.median * 1000:.1f} ms, then "
-                  f"{per_token * 1000:.2f} ms per token (medians)")
+            for name, full in (("JAX", jx), ("PyTorch", pt)):
+                p1 = runs[f"{name} 1 token"]
+                per_token = (full.median - p1.median) / max(args.new - 1, 1)
+                print(f"  {name}: prefill + first token {p1.median * 1000:.1f} ms, then "
+                      f"{per_token * 1000:.2f} ms per token (medians)")
 
 
 if __name__ == "__main__":
