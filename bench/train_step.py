@@ -17,6 +17,10 @@ Three sides, each ``--steps`` steps per repeat, alternating, after a warm-up (JA
 - PyTorch step: the reference's forward (CE + BCE + Dice as the public code computes them),
   backward, gradient clipping and AdamW on the same batches drawn beforehand.
 
+With ``--stages``, four more sides split one step into its parts on the same batches: JAX
+forward + losses alone and forward + gradients alone (each jitted by itself), PyTorch forward +
+losses alone (no_grad) and forward + backward (no optimizer).
+
 Prints the environment, steps/s median [min–max] of each and the ratios.
 """
 
@@ -183,6 +187,59 @@ def first_losses(cfg, config, params, ref, batch, tb) -> tuple[float, float]:
     return float(loss(params, batch)), float(want)
 
 
+def stage_sides(cfg, config, state, placed, ref, torch_batches, labels):
+    """The ``--stages`` sides: each runs its part of a step over every batch."""
+    import jax
+    import torch
+
+    from m2sa_jax.models.m2sa import M2SA
+    from m2sa_jax.training.step import make_loss_fn, split_trainable
+    from tests.support.torch_m2sa_reference import mask_loss_terms
+
+    t = cfg.train
+    weights = dict(ce_weight=t.ce_weight, bce_weight=t.bce_weight, dice_weight=t.dice_weight)
+    loss_fn = make_loss_fn(M2SA(config), weights, None)
+    train, frozen = split_trainable(jax.tree.map(lambda x: x.copy(), state["variables"]),
+                                    labels)
+    rng = jax.random.key(0)
+    fwd = jax.jit(lambda tr, fr, b: loss_fn(tr, fr, b, rng)[0])
+    grad = jax.jit(lambda tr, fr, b: jax.value_and_grad(
+        lambda x: loss_fn(x, fr, b, rng)[0])(tr))
+
+    def jax_forward():
+        for b in placed:
+            out = fwd(train, frozen, b)
+        return float(out)
+
+    def jax_grad():
+        for b in placed:
+            out = grad(train, frozen, b)
+        return float(jax.block_until_ready(out)[0])
+
+    def torch_loss(tb):
+        args, labels_t, gts = tb
+        out = ref(*args, labels=labels_t)
+        bce, dice = mask_loss_terms(out["mask_logits"], gts)
+        return t.ce_weight * out["ce"] + t.bce_weight * bce + t.dice_weight * dice
+
+    def torch_forward():
+        with torch.no_grad():
+            for tb in torch_batches:
+                loss = torch_loss(tb)
+        return float(loss)
+
+    def torch_backward():
+        for tb in torch_batches:
+            ref.zero_grad(set_to_none=True)
+            loss = torch_loss(tb)
+            loss.backward()
+        return float(loss)
+
+    return {"JAX forward + losses": jax_forward, "JAX forward + gradients": jax_grad,
+            "PyTorch forward + losses": torch_forward,
+            "PyTorch forward + backward": torch_backward}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
     parser.add_argument("--train-images", type=int, default=60,
                         help="images of the generated training split")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time forward alone and forward + gradients on both sides")
     common.add_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -240,13 +299,17 @@ def main(argv=None) -> int:
                 loss = torch_step(tb)
             return loss
 
-        runs = common.alternate({"JAX loop (stream + step + metrics)": jax_loop,
-                                 "JAX step (batches drawn before)": jax_step,
-                                 "PyTorch reference step": torch_steps},
-                                repeats=args.repeats, warmup=args.warmup)
-    loop_s, step_s, torch_s = runs.values()
+        sides = {"JAX loop (stream + step + metrics)": jax_loop,
+                 "JAX step (batches drawn before)": jax_step,
+                 "PyTorch reference step": torch_steps}
+        if args.stages:
+            labels = loop.init_state(cfg, built.config, params, mesh)[4]
+            sides.update(stage_sides(cfg, built.config, box["state"], placed, ref,
+                                     torch_batches, labels))
+        runs = common.alternate(sides, repeats=args.repeats, warmup=args.warmup)
+    loop_s, step_s, torch_s = (runs[k] for k in list(sides)[:3])
     print(f"results ({args.steps} steps per repeat; median [min–max] of {args.repeats}):")
-    common.report([loop_s, step_s, torch_s], units=args.steps, unit="steps/s")
+    common.report(list(runs.values()), units=args.steps, unit="steps/s")
     common.report_ratio(step_s, torch_s, "speed JAX step / PyTorch step")
     common.report_ratio(loop_s, torch_s, "speed JAX loop / PyTorch step")
     print(f"  loss of the first batch before training (same weights, float32 highest "
