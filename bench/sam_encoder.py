@@ -83,7 +83,20 @@ def jax_side(params, cfg, x, dtype: str, device: str | None = None):
     xj = jax.device_put(jnp.asarray(x), dev)
     fn = jax.jit(lambda p, im: model.apply({"params": p}, im,
                                            method=Sam.encode_image)["image_embeddings"])
-    return (lambda: fn(params, xj).block_until_ready()), lambda out: np.asarray(out, np.float32)
+    run = lambda: fn(params, xj).block_until_ready()                     # noqa: E731
+    run.flops = lambda: flops_of(fn, params, xj)
+    return run, lambda out: np.asarray(out, np.float32)
+
+
+def flops_of(fn, *args) -> float | None:
+    """XLA's count of the floating-point operations of one call of jitted ``fn``."""
+    try:
+        cost = fn.lower(*args).compile().cost_analysis()
+    except Exception:                                  # noqa: BLE001 - a count is optional
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", 0.0)) or None
 
 
 def main(argv=None) -> int:
@@ -120,6 +133,11 @@ def main(argv=None) -> int:
     common.report([jx, pt], units=1, unit="images/s", label_width=8)
     common.report_ratio(jx, pt, "speed JAX / PyTorch")
     print(f"  embedding max abs diff: {np.max(np.abs(j_np(jx.result) - t_np(pt.result))):.2e}")
+    flops = j_run.flops()
+    if flops:
+        print(f"  work: {flops / 1e9:.0f} GFLOP per image (XLA's count); achieved "
+              f"{flops / jx.median / 1e9:.1f} GFLOP/s JAX, {flops / pt.median / 1e9:.1f} GFLOP/s "
+              f"PyTorch (the same arithmetic) on {common.environment()['cpu']}")
     return 0
 
 

@@ -135,7 +135,7 @@ def make_torch_step(ref, cfg):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), t.clip_norm)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -226,14 +226,14 @@ def stage_sides(cfg, config, state, placed, ref, torch_batches, labels):
         with torch.no_grad():
             for tb in torch_batches:
                 loss = torch_loss(tb)
-        return float(loss)
+        return float(loss.detach())
 
     def torch_backward():
         for tb in torch_batches:
             ref.zero_grad(set_to_none=True)
             loss = torch_loss(tb)
             loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     return {"JAX forward + losses": jax_forward, "JAX forward + gradients": jax_grad,
             "PyTorch forward + losses": torch_forward,
