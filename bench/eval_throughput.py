@@ -1,16 +1,28 @@
-"""Teacher-forced evaluation throughput on the CPU: the JAX evaluation forward vs the PyTorch
-reference composition (tests/support/torch_m2sa_reference.py), same weights, same inputs, one run.
+"""Teacher-forced evaluation throughput on the CPU: the JAX evaluator vs the PyTorch reference
+composition (tests/support/torch_m2sa_reference.py), same weights, same split, one process.
 
-    python -m bench.eval_throughput [--images 8] [--questions 2] [--batch 4] [--threads N]
+    python -m bench.eval_throughput [--images 8] [--questions 2] [--batch 4] [--repeats 3]
 
 A mid-sized random M²SA (LLaMA hidden 512 × 4 layers, CLIP hidden 256 × 4 layers at 224, SAM
 ViT width 256 × depth 12 at 1024 with global attention at 2/5/8/11 and the compress_vit fusion)
-is written as a released-layout LISA/M²SA folder, converted with ``python -m checkpoints_convert
-m2sa``, and both sides run it in float32. PyTorch runs as the public evaluation does (one image
-and its questions per forward); JAX runs the teacher-forced evaluator's jitted forward on static
-batches of ``--batch`` images (compiled once before timing). A sample is one question (its
-[SEG]s decoded to full-size masks). Prints samples/s of each, the ratio and the largest mask
-logit difference between the two.
+is written as a released-layout LISA/M²SA folder and converted with ``python -m
+checkpoints_convert m2sa``. The split is an MMR-format set of ``--images`` photographs of
+different sizes (bench/fixtures.py), ``--questions`` questions each with 2 targets, read through
+the MMR reader with the evaluation prompt. A sample is one question (its [SEG]s decoded to
+full-size masks and scored).
+
+Both sides do the whole evaluation of the split, float32:
+
+- JAX: ``evaluation.teacher_forced.evaluate`` as eval.py runs it — image decoding,
+  preprocessing and tokenisation, static batches of ``--batch`` images, the jitted forward, gIoU/cIoU.
+- PyTorch: as the public evaluation runs it — the same preprocessing (m2sa_jax.data.pipeline,
+  with the same ``--read-threads``), one image and its questions per forward, masks
+  post-processed to the original size and scored per mask with the public code's 2-bin
+  histogram (``intersectionAndUnionGPU``).
+
+Prints the environment, samples/s of each side (median [min–max] of ``--repeats`` alternating
+runs after a warm-up that includes JAX's compile), the speed ratio, both sides' gIoU/cIoU (the
+same masks must score the same) and the largest mask-logit difference on the first image.
 """
 
 from __future__ import annotations
@@ -20,9 +32,11 @@ import json
 import os
 import sys
 import tempfile
-import time
+
+from bench import common
 
 SP_VOCAB = 400
+TARGETS = 2
 
 
 def write_folder(folder: str, seed: int = 0):
@@ -57,140 +71,182 @@ def write_folder(folder: str, seed: int = 0):
     return ref, seg_id
 
 
-def make_inputs(n_images: int, questions: int, seg_id: int, seed: int = 0):
-    """Real photographs (not square) and per image ``questions`` rows of ~60 tokens holding 2
-    [SEG]s each, right-padded to one length."""
-    import numpy as np
-    from skimage import data
+def load_split(folder: str, n_images: int, questions: int):
+    """The benchmark split's Samples (evaluation prompt, every question)."""
+    from bench.fixtures import write_mmr_split
+    from m2sa_jax.data.mmr import MMRDataset
 
-    from m2sa_jax.data.preprocess import clip_preprocess, sam_preprocess
-    from m2sa_jax.data.tokenizer import IMAGE_TOKEN_INDEX
-
-    rng = np.random.default_rng(seed)
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    images = []
-    for i in range(n_images):
-        img = photos[i % len(photos)]
-        img = img[: img.shape[0] - 7 * i % 50, : img.shape[1] - 11 * i % 60]
-        sam, resized, original = sam_preprocess(img)
-        images.append(dict(sam=sam, clip=clip_preprocess(img), resized=resized, original=original))
-    rows = []
-    for _ in range(n_images * questions):
-        body = lambda n: list(rng.integers(3, SP_VOCAB, n))
-        rows.append([1] + body(40) + [IMAGE_TOKEN_INDEX] + body(12) + [seg_id] + body(3) +
-                    [seg_id] + body(2) + [2])
-    t = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), t), np.int32)
-    am = np.zeros((len(rows), t), bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], am[i, :len(r)] = r, True
-    return images, ids, am
+    path, root = write_mmr_split(folder, n_images, questions=questions, targets=TARGETS)
+    dataset = MMRDataset(path, root, prompt="val", strict=True)
+    return [dataset.sample(i, all_questions=True) for i in range(len(dataset))]
 
 
-def run_torch(ref, images, ids, am, questions, threads):
+def batch_shapes(samples, examples, images_per_batch: int, questions: int):
+    """Static shapes as eval.py picks them: the canvas is the largest image rounded up to 64,
+    one token bucket holding the longest conversation (rounded up to 64)."""
+    from m2sa_jax.data.pipeline import BatchShapes
+
+    up = lambda n: -(-n // 64) * 64                                   # noqa: E731
+    longest = max(len(c.input_ids) for ex in examples for c in ex.conversations)
+    return BatchShapes(images=images_per_batch, conversations=images_per_batch * questions,
+                       token_buckets=(up(longest),), max_targets=TARGETS,
+                       mask_hw=(up(max(s.height for s in samples)),
+                                up(max(s.width for s in samples))))
+
+
+def torch_inputs(ex):
+    """One Example as the reference's forward takes it (its questions right-padded)."""
     import numpy as np
     import torch
 
-    torch.set_num_threads(threads)
-    outs = []
-
-    def one(i):
-        im = images[i]
-        q = slice(i * questions, (i + 1) * questions)
-        with torch.no_grad():
-            r = ref(torch.from_numpy(im["sam"]).permute(2, 0, 1)[None],
-                    torch.from_numpy(im["clip"]).permute(2, 0, 1)[None],
-                    torch.from_numpy(ids[q]).long(), torch.from_numpy(am[q]).long(),
-                    torch.zeros(questions, dtype=torch.long), [im["resized"]], [im["original"]])
-        return r["mask_logits"][0].numpy()
-
-    one(0)                                                           # warm-up
-    t0 = time.perf_counter()
-    for i in range(len(images)):
-        outs.append(one(i))
-    return time.perf_counter() - t0, outs
+    t = max(len(c.input_ids) for c in ex.conversations)
+    ids = np.zeros((len(ex.conversations), t), np.int64)
+    am = np.zeros_like(ids)
+    for k, c in enumerate(ex.conversations):
+        ids[k, :len(c.input_ids)], am[k, :len(c.input_ids)] = c.input_ids, 1
+    return (torch.from_numpy(ex.sam_image).permute(2, 0, 1)[None],
+            torch.from_numpy(ex.clip_image).permute(2, 0, 1)[None],
+            torch.from_numpy(ids), torch.from_numpy(am),
+            torch.zeros(len(ex.conversations), dtype=torch.long),
+            [ex.resized_hw], [ex.original_hw])
 
 
-def run_jax(predictor, images, ids, am, questions, batch):
-    import jax
+def torch_intersection_union(logits, gt):
+    """The public evaluation's per-mask counts: binarise at 0, 2-bin histograms of the
+    prediction, the target and their agreement (``intersectionAndUnionGPU``, K=2)."""
+    import torch
+
+    output = (logits > 0).int().flatten()
+    target = gt.int().flatten()
+    agree = output[output == target]
+    area_i = torch.histc(agree.float(), bins=2, min=0, max=1)
+    area_o = torch.histc(output.float(), bins=2, min=0, max=1)
+    area_t = torch.histc(target.float(), bins=2, min=0, max=1)
+    return float(area_i[1]), float((area_o + area_t - area_i)[1])
+
+
+def scores(inter, union) -> dict:
     import numpy as np
 
+    inter, union = np.asarray(inter, float), np.asarray(union, float)
+    iou = np.where(union == 0, 1.0, inter / (union + 1e-5))
+    return dict(giou=float(iou.mean()), ciou=float(inter.sum() / max(union.sum(), 1e-9)),
+                masks=int(len(iou)))
+
+
+def make_torch_side(ref, samples, tokenizer, sam_size, clip_size, read_threads):
+    import torch
+
+    from m2sa_jax.data.pipeline import iter_examples
+    from m2sa_jax.data.skips import SkipCounter
+
+    def run():
+        inter, union = [], []
+        examples = iter_examples(samples, tokenizer, SkipCounter(strict=True),
+                                 num_workers=read_threads, sam_size=sam_size, clip_size=clip_size)
+        for ex in examples:
+            with torch.no_grad():
+                out = ref(*torch_inputs(ex))
+            logits = out["mask_logits"][0]                           # [n, H, W]
+            gts = [m for masks in ex.masks for m in masks]
+            for lg, gt in zip(logits, gts):
+                i, u = torch_intersection_union(lg, torch.from_numpy(gt))
+                inter.append(i)
+                union.append(u)
+        return scores(inter, union)
+
+    return run
+
+
+def make_jax_side(predictor, samples, shapes, sam_size, clip_size, read_threads):
     from m2sa_jax.evaluation import teacher_forced
 
-    model, params = predictor.model, predictor.params
     mesh = teacher_forced.data_mesh()
-    forward = teacher_forced.make_forward(model)
-    variables = teacher_forced.replicate({"params": params}, mesh)
-    n_img = len(images)
-    mh = -(-max(im["original"][0] for im in images) // 64) * 64
-    mw = -(-max(im["original"][1] for im in images) // 64) * 64
+    forward = teacher_forced.make_forward(predictor.model)
+    variables = teacher_forced.replicate({"params": predictor.params}, mesh)
 
-    def collated(first):
-        idx = list(range(first, min(first + batch, n_img)))
-        qn = batch * questions
-        b = dict(sam_images=np.zeros((batch, 1024, 1024, 3), np.float32),
-                 clip_images=np.zeros((batch, 224, 224, 3), np.float32),
-                 resized_hw=np.zeros((batch, 2), np.int32), original_hw=np.zeros((batch, 2), np.int32),
-                 input_ids=np.zeros((qn, ids.shape[1]), np.int32),
-                 attention_mask=np.zeros((qn, ids.shape[1]), bool),
-                 conv_image_index=np.zeros((qn,), np.int32),
-                 gt_masks=np.zeros((qn, 2, mh, mw), bool))
-        b["input_ids"][:, 0] = -200                        # padding rows: just an image
-        b["attention_mask"][:, 0] = True
-        for j, i in enumerate(idx):
-            im = images[i]
-            b["sam_images"][j], b["clip_images"][j] = im["sam"], im["clip"]
-            b["resized_hw"][j], b["original_hw"][j] = im["resized"], im["original"]
-            rows = slice(j * questions, (j + 1) * questions)
-            b["input_ids"][rows] = ids[i * questions:(i + 1) * questions]
-            b["attention_mask"][rows] = am[i * questions:(i + 1) * questions]
-            b["conv_image_index"][rows] = j
-        return idx, teacher_forced.place_batch(b, mesh)
+    def run():
+        metrics, skips, _ = teacher_forced.evaluate(
+            forward, variables, samples, predictor.tokenizer, shapes, split="val",
+            sam_size=sam_size, clip_size=clip_size, progress=False, mesh=mesh,
+            read_threads=read_threads)
+        if skips.total:
+            raise RuntimeError(f"the benchmark split lost records: {dict(skips.counts)}")
+        r = metrics.result()["val"]["all"]
+        return dict(giou=r["giou"], ciou=r["ciou"], masks=r["masks"])
 
-    jax.block_until_ready(forward(variables, collated(0)[1]))       # compile
-    t0 = time.perf_counter()
-    outs = []
-    for first in range(0, n_img, batch):
-        idx, b = collated(first)
-        logits = np.asarray(forward(variables, b)["mask_logits"])   # [B·Q·2, mh, mw]
-        for j, i in enumerate(idx):
-            h, w = images[i]["original"]
-            outs.append(logits[j * questions * 2:(j + 1) * questions * 2, :h, :w])
-    return time.perf_counter() - t0, outs
+    return run, forward, variables, mesh
 
 
-def main() -> int:
+def first_image_difference(ref, forward, variables, mesh, examples, shapes, pad_id) -> float:
+    """max |JAX − PyTorch| over the first image's full-size mask logits."""
+    import numpy as np
+    import torch
+
+    from m2sa_jax.data.pipeline import collate
+    from m2sa_jax.evaluation import teacher_forced
+
+    ex = examples[0]
+    batch = collate([ex], shapes, pad_id)
+    logits = np.asarray(forward(variables, teacher_forced.place_batch(batch, mesh))["mask_logits"])
+    with torch.no_grad():
+        want = ref(*torch_inputs(ex))["mask_logits"][0].numpy()       # [n, H, W]
+    h, w = ex.original_hw
+    got = np.concatenate([logits[k * shapes.max_targets:k * shapes.max_targets + len(m), :h, :w]
+                          for k, m in enumerate(ex.masks)])
+    return float(np.abs(got - want).max())
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--questions", type=int, default=2, help="questions per image")
     parser.add_argument("--batch", type=int, default=4, help="images per JAX batch")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args()
+    parser.add_argument("--read-threads", type=int, default=0,
+                        help="image-decoding threads of both sides (0: in the main thread)")
+    common.add_arguments(parser)
+    args = parser.parse_args(argv)
 
     import jax
-    import numpy as np
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from checkpoints_convert.__main__ import main as convert_main
     import m2sa_jax
+    from checkpoints_convert.__main__ import main as convert_main
+    from m2sa_jax.data.pipeline import prepare_example
 
+    common.set_torch_threads(args.threads)
+    common.print_environment(
+        "teacher-forced evaluation, JAX evaluator vs PyTorch reference (float32)",
+        workload=f"{args.images} images × {args.questions} questions × {TARGETS} [SEG]; JAX "
+                 f"batches of {args.batch} images; read threads {args.read_threads}")
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "hf"), os.path.join(tmp, "converted")
-        ref, seg_id = write_folder(src)
+        ref, _ = write_folder(src)
         assert convert_main(["m2sa", "--src", src, "--dst", dst]) == 0
         predictor = m2sa_jax.load(dst)
-        images, ids, am = make_inputs(args.images, args.questions, seg_id)
-        jax_s, jax_out = run_jax(predictor, images, ids, am, args.questions, args.batch)
-        torch_s, torch_out = run_torch(ref, images, ids, am, args.questions, args.threads)
-    samples = args.images * args.questions
-    err = max(float(np.abs(a - b).max()) for a, b in zip(jax_out, torch_out))
-    jax_sps, torch_sps = samples / jax_s, samples / torch_s
-    print(f"teacher-forced eval, {args.images} images × {args.questions} questions × 2 [SEG], "
-          f"float32, {args.threads} CPU threads, device {jax.devices()[0].platform}")
-    print(f"  JAX (batches of {args.batch} images): {jax_sps:.3f} samples/s ({jax_s:.1f} s)")
-    print(f"  PyTorch reference (1 image/forward): {torch_sps:.3f} samples/s ({torch_s:.1f} s)")
-    print(f"  ratio JAX / PyTorch: {jax_sps / torch_sps:.2f}×; max |mask logit diff| {err:.2e}")
+        config, tok = predictor.config, predictor.tokenizer
+        sam_size, clip_size = config.sam.img_size, config.llava.vision.image_size
+        samples = load_split(os.path.join(tmp, "split"), args.images, args.questions)
+        examples = [prepare_example(s, tok, sam_size, clip_size) for s in samples]
+        shapes = batch_shapes(samples, examples, args.batch, args.questions)
+        jax_run, forward, variables, mesh = make_jax_side(predictor, samples, shapes, sam_size,
+                                                          clip_size, args.read_threads)
+        torch_run = make_torch_side(ref, samples, tok, sam_size, clip_size, args.read_threads)
+        diff = first_image_difference(ref, forward, variables, mesh, examples, shapes,
+                                      tok.pad_token_id)
+        print(f"  batch shapes: {shapes}")
+        runs = common.alternate({"JAX (teacher_forced.evaluate)": jax_run,
+                                 "PyTorch reference (1 image/forward)": torch_run},
+                                repeats=args.repeats, warmup=args.warmup)
+    jx, pt = runs.values()
+    samples_n = args.images * args.questions
+    print(f"results ({samples_n} samples per repeat; median [min–max] of {args.repeats}):")
+    common.report([jx, pt], units=samples_n, unit="samples/s")
+    common.report_ratio(jx, pt, "speed JAX / PyTorch")
+    print(f"  gIoU / cIoU: JAX {jx.result['giou']:.4f} / {jx.result['ciou']:.4f}, PyTorch "
+          f"{pt.result['giou']:.4f} / {pt.result['ciou']:.4f} ({jx.result['masks']} masks); "
+          f"max |mask logit diff| on the first image {diff:.2e}")
     return 0
 
 

@@ -35,7 +35,25 @@ def main(argv=None) -> int:
     import jax
     import torch
 
-    from bench.sam_encoder import jax_params_from, time_jax, time_torch, torch_reference
+    from bench.sam_encoder import jax_params_from, jax_side, torch_side, torch_reference
+
+    def time_torch(sam, x, dtype, iters, device):
+        run, to_np = torch_side(sam, x, dtype, device)
+        run()                                                      # warm-up
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = run()
+        return (time.perf_counter() - t0) * 1000 / iters, to_np(out)
+
+    def time_jax(params, cfg, x, dtype, iters, device):
+        run, to_np = jax_side(params, cfg, x, dtype, device)
+        t0 = time.perf_counter()
+        run()                                                      # compile
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = run()
+        return (time.perf_counter() - t0) * 1000 / iters, to_np(out), compile_s
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

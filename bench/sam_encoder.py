@@ -1,10 +1,11 @@
-"""SAM image encoder speed: the same random weights in JAX and PyTorch, ms per image.
+"""SAM image encoder speed: the same random weights in JAX and PyTorch (segment_anything).
 
-    python -m bench.sam_encoder --model-type vit_b --dtype float32 --iters 3 --device cpu
+    python -m bench.sam_encoder [--model-type vit_b] [--dtype float32] [--repeats 3] [--device cpu]
 
-One 1024×1024 image (batch 1); each framework is warmed up once (JAX: compile) and then
-timed over ``--iters`` runs. Prints ms/image for both, their ratio, and the max abs
-difference of the image embeddings (a float32 sanity check of the shared weights).
+One 1024×1024 image (batch 1). Prints the environment, then images/s of both (median [min–max]
+of ``--repeats`` runs alternating between the two, after a warm-up run each that includes JAX's
+compile), their speed ratio and the max abs difference of the image embeddings (a float32
+sanity check of the shared weights).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 
 import numpy as np
+
+from bench import common
 
 
 def torch_reference(model_type: str, device: str, seed: int = 0):
@@ -48,8 +50,8 @@ def jax_params_from(sam, model_type: str):
     return convert_sam(items, cfg), cfg
 
 
-def time_torch(sam, x, dtype: str, iters: int, device: str):
-    """ms/image and the embedding (NHWC, float32 numpy)."""
+def torch_side(sam, x, dtype: str, device: str):
+    """A call that encodes ``x`` once (synchronised) and returns the embedding (NHWC)."""
     import torch
 
     enc = sam.image_encoder
@@ -58,22 +60,17 @@ def time_torch(sam, x, dtype: str, iters: int, device: str):
         enc = copy.deepcopy(enc).to(torch.bfloat16)
         xt = xt.to(torch.bfloat16)
 
-    def sync():
+    def run():
+        with torch.no_grad():
+            out = enc(xt)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+        return out
 
-    with torch.no_grad():
-        out = enc(xt)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = enc(xt)
-        sync()
-        ms = (time.perf_counter() - t0) * 1000 / iters
-    return ms, out.float().permute(0, 2, 3, 1).cpu().numpy()
+    return run, lambda out: out.float().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def time_jax(params, cfg, x, dtype: str, iters: int, device: str | None = None):
+def jax_side(params, cfg, x, dtype: str, device: str | None = None):
     import jax
     import jax.numpy as jnp
 
@@ -86,23 +83,29 @@ def time_jax(params, cfg, x, dtype: str, iters: int, device: str | None = None):
     xj = jax.device_put(jnp.asarray(x), dev)
     fn = jax.jit(lambda p, im: model.apply({"params": p}, im,
                                            method=Sam.encode_image)["image_embeddings"])
-    t0 = time.perf_counter()
-    out = fn(params, xj).block_until_ready()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = fn(params, xj)
-    out.block_until_ready()
-    ms = (time.perf_counter() - t0) * 1000 / iters
-    return ms, np.asarray(out, np.float32), compile_s
+    run = lambda: fn(params, xj).block_until_ready()                     # noqa: E731
+    run.flops = lambda: flops_of(fn, params, xj)
+    return run, lambda out: np.asarray(out, np.float32)
+
+
+def flops_of(fn, *args) -> float | None:
+    """XLA's count of the floating-point operations of one call of jitted ``fn``."""
+    try:
+        cost = fn.lower(*args).compile().cost_analysis()
+    except Exception:                                  # noqa: BLE001 - a count is optional
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", 0.0)) or None
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (JAX uses the matching platform)")
+    common.add_arguments(ap)
     args = ap.parse_args(argv)
 
     import jax
@@ -112,19 +115,29 @@ def main(argv=None) -> int:
         jax.config.update("jax_default_matmul_precision", "highest")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    common.set_torch_threads(args.threads)
     jax_platform = "gpu" if args.device.startswith("cuda") else "cpu"
-    print(f"SAM {args.model_type} image encoder, {args.dtype}, 1×1024×1024, {args.iters} timed "
-          f"runs after warm-up; torch {args.device} ({torch.get_num_threads()} threads), "
-          f"jax {jax.devices(jax_platform)[0]}")
+    common.print_environment(
+        f"SAM {args.model_type} image encoder, JAX vs PyTorch (segment_anything), {args.dtype}",
+        workload=f"1×1024×1024 image; torch on {args.device}, jax on "
+                 f"{jax.devices(jax_platform)[0]}")
     sam = torch_reference(args.model_type, args.device)
     params, cfg = jax_params_from(sam, args.model_type)
     x = np.random.default_rng(0).standard_normal((1, 1024, 1024, 3)).astype(np.float32)
-    t_ms, t_out = time_torch(sam, x, args.dtype, args.iters, args.device)
-    print(f"  pytorch: {t_ms:9.1f} ms/image")
-    j_ms, j_out, compile_s = time_jax(params, cfg, x, args.dtype, args.iters, jax_platform)
-    print(f"  jax:     {j_ms:9.1f} ms/image (compile {compile_s:.1f} s)")
-    print(f"  ratio jax/pytorch: {j_ms / t_ms:.2f}")
-    print(f"  embedding max abs diff: {np.max(np.abs(j_out - t_out)):.2e}")
+    t_run, t_np = torch_side(sam, x, args.dtype, args.device)
+    j_run, j_np = jax_side(params, cfg, x, args.dtype, jax_platform)
+    runs = common.alternate({"JAX": j_run, "PyTorch": t_run}, repeats=args.repeats,
+                            warmup=args.warmup)
+    jx, pt = runs["JAX"], runs["PyTorch"]
+    print(f"results (median [min–max] of {args.repeats}):")
+    common.report([jx, pt], units=1, unit="images/s", label_width=8)
+    common.report_ratio(jx, pt, "speed JAX / PyTorch")
+    print(f"  embedding max abs diff: {np.max(np.abs(j_np(jx.result) - t_np(pt.result))):.2e}")
+    flops = j_run.flops()
+    if flops:
+        print(f"  work: {flops / 1e9:.0f} GFLOP per image (XLA's count); achieved "
+              f"{flops / jx.median / 1e9:.1f} GFLOP/s JAX, {flops / pt.median / 1e9:.1f} GFLOP/s "
+              f"PyTorch (the same arithmetic) on {common.environment()['cpu']}")
     return 0
 
 

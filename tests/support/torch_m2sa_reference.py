@@ -32,7 +32,9 @@ class _VisionTowerHolder(nn.Module):
 
 
 def build_sam(embed_dim, depth, num_heads, global_attn_indexes, img_size=1024, patch=16,
-              window=14, prompt_dim=256, use_compress_vit=True) -> Sam:
+              window=14, prompt_dim=256, use_compress_vit=True, decoder_mlp_dim=2048,
+              decoder_num_heads=8, iou_head_hidden_dim=256) -> Sam:
+    """segment_anything's Sam at the given sizes (the decoder defaults are SAM's own)."""
     grid = img_size // patch
     sam = Sam(
         image_encoder=ImageEncoderViT(
@@ -45,9 +47,9 @@ def build_sam(embed_dim, depth, num_heads, global_attn_indexes, img_size=1024, p
             input_image_size=(img_size, img_size), mask_in_chans=16),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=2048,
-                                          num_heads=8),
-            transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=256),
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim,
+                                          mlp_dim=decoder_mlp_dim, num_heads=decoder_num_heads),
+            transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=iou_head_hidden_dim),
         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
     if use_compress_vit:
         sam.mask_decoder.compress_vit = nn.Sequential(
