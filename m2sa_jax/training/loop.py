@@ -331,10 +331,13 @@ def evaluate_split(cfg, model, state, config, tokenizer, root, images, overlay_d
         overlay_dir=overlay_dir, overlays=cfg.eval.overlays, progress=progress,
         total=len(samples))
     result = metrics.result()[cfg.eval.split]
-    print_table(result, title=f"{label} model, {cfg.eval.split} split (teacher-forced)")
+    instances = stats.pop("instance_separation")
+    print_table(result, title=f"{label} model, {cfg.eval.split} split (teacher-forced)",
+                instances=instances)
     if skips.total:
         print(f"skipped records: {dict(skips.counts)}")
     if overlay_dir:
         print(f"overlays: {os.path.abspath(overlay_dir)}")
-    return dict(metrics=result, stats=stats, skipped=dict(skips.counts))
+    return dict(metrics=result, instance_separation=instances, stats=stats,
+                skipped=dict(skips.counts))
 
