@@ -43,6 +43,12 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class TimeLimitExceeded(RuntimeError):
+    """The run passed ``train.max_minutes`` before its last step. The limit is a guard against
+    a run far slower than planned, never a way to end training early: a run trains its
+    configured steps or fails with this error (its state saved, so running again continues)."""
+
+
 def check_data_kind(cfg) -> str:
     if cfg.data.kind not in DATA_KINDS:
         raise ValueError(f"unknown data.kind {cfg.data.kind!r}; choose one of {DATA_KINDS}")
@@ -180,7 +186,9 @@ def _next_batch(stream, grad_accum):
 
 def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = True,
           stop_after: int | None = None) -> dict:
-    """Trains (resuming if possible), then evaluates. Returns a summary dict.
+    """Trains (resuming if possible) for ``train.steps`` steps, then evaluates. Returns a
+    summary dict. Past ``train.max_minutes`` (when set) the run saves its state and raises
+    :class:`TimeLimitExceeded` instead of finishing: it never ends early with fewer steps.
 
     ``stop_after``: leave the loop after this many steps of *this* process (tests use it to
     emulate a killed run; the checkpoint is saved as on SIGTERM).
@@ -272,14 +280,21 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
                                 bce=f"{m['bce']:.3f}", dice=f"{m['dice']:.3f}", lr=f"{lr:.2e}",
                                 sps=f"{rate:.1f}")
             bar.update(1)
-            minutes = (time.perf_counter() - t_start) / 60
             if flag.stop or (stop_after is not None and step - start_step >= stop_after):
                 stopped = flag.signal or "stop_after"
                 break
-            if cfg.train.get("max_minutes") and minutes > cfg.train.max_minutes:
-                stopped = f"max_minutes={cfg.train.max_minutes}"
-                print(f"\nstopping at step {step}: the run reached train.max_minutes")
-                break
+            minutes = (time.perf_counter() - t_start) / 60
+            if cfg.train.get("max_minutes") and minutes > cfg.train.max_minutes and \
+                    step < cfg.train.steps:
+                ckpts.save(step, state, stream.get_state(), force=True)
+                ckpts.close()               # the save lands before the run fails
+                raise TimeLimitExceeded(
+                    f"step {step} of {cfg.train.steps}: this run has taken {minutes:.1f} min, "
+                    f"past train.max_minutes={cfg.train.max_minutes:g} (a guard against a run "
+                    f"far slower than planned; nothing was evaluated). Its state at step {step} "
+                    f"is saved in {ckpts.directory}: run the same command again to continue "
+                    f"from there, with --config.train.max_minutes=0 to train without the "
+                    f"guard.")
             if step % cfg.train.checkpoint_every == 0:
                 ckpts.save(step, state, stream.get_state())
                 saved = step
