@@ -7,7 +7,7 @@ A mid-sized random M²SA (LLaMA hidden 512 × 4 layers, CLIP hidden 256 × 4 lay
 ViT width 256 × depth 12 at 1024 with global attention at 2/5/8/11 and the compress_vit fusion)
 is written as a released-layout LISA/M²SA folder, converted with ``python -m checkpoints_convert
 m2sa``, and both sides run it in float32. PyTorch runs as the public evaluation does (one image
-and its questions per forward); JAX runs the evaluation runner's jitted forward on static
+and its questions per forward); JAX runs the teacher-forced evaluator's jitted forward on static
 batches of ``--batch`` images (compiled once before timing). A sample is one question (its
 [SEG]s decoded to full-size masks). Prints samples/s of each, the ratio and the largest mask
 logit difference between the two.
@@ -115,12 +115,12 @@ def run_jax(predictor, images, ids, am, questions, batch):
     import jax
     import numpy as np
 
-    from m2sa_jax.evaluation import runner
+    from m2sa_jax.evaluation import teacher_forced
 
     model, params = predictor.model, predictor.params
-    mesh = runner.data_mesh()
-    forward = runner.make_forward(model)
-    variables = runner.replicate({"params": params}, mesh)
+    mesh = teacher_forced.data_mesh()
+    forward = teacher_forced.make_forward(model)
+    variables = teacher_forced.replicate({"params": params}, mesh)
     n_img = len(images)
     mh = -(-max(im["original"][0] for im in images) // 64) * 64
     mw = -(-max(im["original"][1] for im in images) // 64) * 64
@@ -145,7 +145,7 @@ def run_jax(predictor, images, ids, am, questions, batch):
             b["input_ids"][rows] = ids[i * questions:(i + 1) * questions]
             b["attention_mask"][rows] = am[i * questions:(i + 1) * questions]
             b["conv_image_index"][rows] = j
-        return idx, runner.place_batch(b, mesh)
+        return idx, teacher_forced.place_batch(b, mesh)
 
     jax.block_until_ready(forward(variables, collated(0)[1]))       # compile
     t0 = time.perf_counter()

@@ -54,7 +54,7 @@ def run_jax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from m2sa_jax.evaluation import runner
+    from m2sa_jax.evaluation import teacher_forced
     from m2sa_jax.models import clip, llama, llava
     from m2sa_jax.models.m2sa import M2SA, M2SAConfig, abstract_params
     from m2sa_jax.models.sam import sam_config
@@ -92,10 +92,10 @@ def run_jax(args) -> dict:
                  input_ids=ids, attention_mask=np.ones(ids.shape, bool),
                  conv_image_index=image_of, resized_hw=resized, original_hw=original,
                  gt_masks=np.zeros((q, 3, H, W), bool))
-    mesh = runner.data_mesh()
-    forward = runner.make_forward(M2SA(config))
-    variables = runner.replicate({"params": params}, mesh)
-    batch = runner.place_batch(batch, mesh)
+    mesh = teacher_forced.data_mesh()
+    forward = teacher_forced.make_forward(M2SA(config))
+    variables = teacher_forced.replicate({"params": params}, mesh)
+    batch = teacher_forced.place_batch(batch, mesh)
     t0 = time.perf_counter()
     out = forward(variables, batch)
     jax.block_until_ready(out["mask_logits"])

@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = None
     c.train.keep_checkpoints = None
     c.train.max_nonfinite = None           # stop after this many non-finite steps in a row
-    c.train.max_minutes = None             # stop early (and say so) past this; 0: no cap
+    c.train.max_minutes = None             # guard: past this, save and fail loudly; 0: none
 
     # Device mesh (-1: the devices the other axes leave) and the logical-axis rules by name
     # (m2sa_jax/sharding.RULES).
@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.vision_tower = ""               # CLIP tower for a folder saved without one
     c.eval.dtype = "float32"               # language-model dtype at load (bfloat16 halves 7B)
     c.eval.before_training = None          # train.py: also score the untrained model
-    # eval.py: benchmark, where it lives, and how to batch it (m2sa_jax/evaluation/runner.py);
+    # eval.py: benchmark, where it lives, and how to batch it (m2sa_jax/evaluation/run.py);
     # "" = the data.* roots
     c.eval.dataset = "mmr"                 # mmr reasonseg refcoco(+,g) multi_refcoco(+,g) refcocom
     c.eval.mmr_root = ""                   # MMR_*.json folder

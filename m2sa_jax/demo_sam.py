@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from m2sa_jax.models.sam import init_params, sam_config
-from m2sa_jax.sam_predictor import SamPredictor
+from m2sa_jax.inference.sam_predictor import SamPredictor
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, point: tuple[float, float]) -> Image.Image:

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
                         help="let --save-converted replace a non-empty folder")
     args = parser.parse_args(argv)
 
-    from m2sa_jax.pipeline import load, read_image
+    from m2sa_jax.inference.predictor import load, read_image
 
     try:
         if not args.question.strip():
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         name = f"mask_{k + 1}.png"
         Image.fromarray(m.astype(np.uint8) * 255).save(os.path.join(args.out, name))
         files.append(name)
-    from m2sa_jax.overlay import overlay
+    from m2sa_jax.inference.overlay import overlay
 
     overlay(image, result.masks, result.labels, title=f"Q: {args.question}").save(
         os.path.join(args.out, "overlay.png"))

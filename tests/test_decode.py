@@ -11,7 +11,7 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
 from m2sa_jax.checkpoints import llava as convert_llava
-from m2sa_jax.evaluation import decode
+from m2sa_jax.inference import decode
 from m2sa_jax.models import llama
 
 pytestmark = pytest.mark.torch

@@ -1,6 +1,7 @@
 """The learning demo, shortened (configs/synthetic.py:ci): the whole system — synthetic MMR data,
 tokenizer, M²SA from scratch, train step, checkpoints, teacher-forced evaluation — must learn:
-the loss falls and validation gIoU rises well above the untrained model's."""
+the loss falls and validation gIoU rises well above the untrained model's. The run is the
+session's shared ``trained_ci_run`` (tests/conftest.py), so other tests can use the model."""
 
 import json
 import os

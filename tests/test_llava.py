@@ -25,7 +25,7 @@ from transformers import LlavaForConditionalGeneration
 from m2sa_jax.checkpoints import llava as convert_llava
 from m2sa_jax.checkpoints.torch_io import iter_checkpoint
 from m2sa_jax.checkpoints.table import ConversionError, convert
-from m2sa_jax.evaluation.decode import Generator
+from m2sa_jax.inference.decode import Generator
 from m2sa_jax.models import clip, llama, llava
 from tests.support.m2sa_helpers import write_sharded_bin
 

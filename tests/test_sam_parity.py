@@ -16,7 +16,7 @@ import torch
 
 from checkpoints_convert.__main__ import main as cli
 from m2sa_jax.models.sam import Sam, sam_config
-from m2sa_jax.sam_predictor import SamPredictor
+from m2sa_jax.inference.sam_predictor import SamPredictor
 from tests.support.sam_reference import max_abs, torch_sam
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]

@@ -15,7 +15,7 @@ import m2sa_jax
 from checkpoints_convert.__main__ import main as convert_main
 from m2sa_jax.data import conversation
 from m2sa_jax.data.pipeline import collate, BatchShapes
-from m2sa_jax.pipeline import mask_labels, read_image
+from m2sa_jax.inference.predictor import mask_labels, read_image
 from m2sa_jax.segment import main as segment_main
 from tests.support.m2sa_helpers import write_tiny_m2sa_folder
 

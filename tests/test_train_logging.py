@@ -23,7 +23,7 @@ import pytest
 from tensorboardX.proto.event_pb2 import Event
 
 from m2sa_jax.tree import flatten
-from m2sa_jax.training import loop
+from m2sa_jax.training import hooks, loop
 from tests.support import train_tiny
 
 K = 3
@@ -64,8 +64,8 @@ def nan_run(tmp_path_factory):
 @pytest.mark.slow
 def test_nonfinite_updates_are_skipped_and_the_run_stops(nan_run, capsys):
     cfg, workdir = nan_run
-    with pytest.raises(loop.NonFiniteLoss) as info:
-        loop.train(cfg, workdir, evaluate_at_end=False, progress=True)
+    with pytest.raises(hooks.NonFiniteLoss) as info:
+        loop.train(cfg, workdir, progress=True)
     message = str(info.value)
     captured = capsys.readouterr()
     print(f"\nmessage: {message}")
@@ -73,7 +73,7 @@ def test_nonfinite_updates_are_skipped_and_the_run_stops(nan_run, capsys):
     assert "updates were skipped" in message and "Lower train.lr" in message
     assert f"step {K + 1}:" in message
 
-    log = [json.loads(line) for line in open(os.path.join(workdir, loop.TRAIN_LOG))]
+    log = [json.loads(line) for line in open(os.path.join(workdir, hooks.TRAIN_LOG))]
     assert [r["step"] for r in log] == list(range(1, K + 2))
     assert log[0]["finite"] and np.isfinite(log[0]["loss"])
     assert all(not r["finite"] for r in log[1:])
@@ -119,7 +119,7 @@ def test_max_minutes_is_a_guard_that_fails_loudly_never_a_shorter_run(tmp_path):
     workdir = str(tmp_path / "run")
     steps = 3
     cfg = train_tiny.config(data, train__steps=steps, train__max_minutes=1e-6)
-    with pytest.raises(loop.TimeLimitExceeded) as info:
+    with pytest.raises(hooks.TimeLimitExceeded) as info:
         loop.train(cfg, workdir, progress=False)
     message = str(info.value)
     print(f"\nmessage: {message}")
@@ -129,9 +129,8 @@ def test_max_minutes_is_a_guard_that_fails_loudly_never_a_shorter_run(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "metrics.json"))     # nothing evaluated
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "1"))
 
-    summary = loop.train(train_tiny.config(data, train__steps=steps), workdir,
-                         evaluate_at_end=False, progress=False)
+    summary = loop.train(train_tiny.config(data, train__steps=steps), workdir, progress=False)
     assert summary["start_step"] == 1 and summary["steps"] == steps
     assert summary["stopped"] is None
-    log = [json.loads(line)["step"] for line in open(os.path.join(workdir, loop.TRAIN_LOG))]
+    log = [json.loads(line)["step"] for line in open(os.path.join(workdir, hooks.TRAIN_LOG))]
     assert log == list(range(1, steps + 1))

@@ -14,6 +14,7 @@ without the experiment config file.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -22,7 +23,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-import m2sa_jax
 from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
 from m2sa_jax.models import lora as lora_lib
 from m2sa_jax.models.m2sa import M2SAConfig
@@ -93,7 +93,7 @@ def describe_run(workdir: str, config: M2SAConfig, lora: lora_lib.LoraConfig | N
     model = dict(format=FORMAT, model=config.to_meta(),
                  lora=None if lora is None else lora.to_dict(),
                  tokenizer=TOKENIZER_DIR, source_config=source_config or {},
-                 written_by=f"m2sa-jax {m2sa_jax.__version__}")
+                 written_by=f"m2sa-jax {importlib.metadata.version('m2sa-jax')}")
     _write_json(os.path.join(workdir, MODEL_FILE), model)
     if experiment is not None:
         _write_json(os.path.join(workdir, CONFIG_FILE), experiment)

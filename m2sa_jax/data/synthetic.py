@@ -51,6 +51,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from m2sa_jax.data import templates
+from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
+
 VERSION = 3    # bumped when the same arguments start giving different images or questions
 
 # kind → (width range, height range, what the object is for, {part: what it is for}) in draw order.
@@ -184,8 +187,8 @@ def position(centre_x: float, size: int) -> str:
 
 def _layout(rng, size, kinds):
     """Boxes (kind, x0, y0, w, h): each object in a third of the picture of its own, its box
-    centred in the middle 60 % of that third (a box wider than the room left at the border is
-    pushed inwards, its centre staying in its third), at any height."""
+    centred in the middle 60 % of that third (pushed inwards at the border: the widest kind,
+    90 px of 160, still has its centre in its third), at any height."""
     boxes = []
     for kind, column in zip(kinds, rng.permutation(len(POSITIONS))):
         (wl, wh), (hl, hh) = KINDS[kind][0], KINDS[kind][1]
@@ -193,8 +196,6 @@ def _layout(rng, size, kinds):
         centre = (int(column) + rng.uniform(0.2, 0.8)) * size / 3
         x0 = float(np.clip(centre - bw / 2, 0, size - bw))
         boxes.append((kind, x0, rng.uniform(0, size - bh), bw, bh))
-        if position(x0 + bw / 2, size) != POSITIONS[int(column)]:
-            raise AssertionError(f"a {kind} of width {bw:.0f} does not fit its third of {size} px")
     return boxes
 
 
@@ -248,12 +249,9 @@ def _names(boxes, size) -> tuple[dict[str, list[int]], dict[int, str], dict[int,
     names, where = {}, {}
     for kind, objs in kinds_present.items():
         for obj in objs:
-            if len(objs) == 1:
-                names[obj] = where[obj] = f"the {kind}"
-                continue
             pos = position(centre_x[obj], size)
-            names[obj] = f"the {pos} {kind}"
-            where[obj] = f"the {kind} {'in the' if pos == 'middle' else 'on the'} {pos}"
+            names[obj], where[obj] = ((f"the {kind}",) * 2 if len(objs) == 1 else (
+                f"the {pos} {kind}", f"the {kind} {'in the' if pos == 'middle' else 'on the'} {pos}"))
     return kinds_present, names, where
 
 
@@ -375,6 +373,33 @@ def generate(out_dir: str, train: int, val: int, seed: int = 0, size: int = 160)
     """Both splits; val image ids follow the train ones so ids are unique across the dataset."""
     return {"train": write_split(out_dir, "train", train, seed, size, first_image_id=1),
             "val": write_split(out_dir, "val", val, seed, size, first_image_id=train + 1)}
+
+
+def prepare(data) -> tuple[str, str]:
+    """The dataset a config's ``data`` section describes (``root``, ``train_images``,
+    ``val_images``, ``generator_seed``, ``vocab_size``, ``model_max_length``), generated with its
+    tokenizer on first use and regenerated when those values or the generator change. Returns
+    (root, tokenizer folder)."""
+    root = data.root
+    tok_dir = os.path.join(root, "tokenizer")
+    marker = os.path.join(root, "COMPLETE")
+    want = (f"{data.train_images} {data.val_images} {data.generator_seed} {data.vocab_size} "
+            f"v{VERSION}")
+    if not (os.path.isfile(marker) and open(marker).read() == want):
+        generate(root, data.train_images, data.val_images, seed=data.generator_seed)
+        corpus = []
+        for split in ("train", "val"):
+            with open(os.path.join(root, f"MMR_{split}.json")) as f:
+                for rec in json.load(f):
+                    corpus += rec["questions"] + [a.format(seg="") for a in rec["text_answers"]]
+        corpus += list(templates.long_questions(expand=True)) + [templates.VAL_QUESTION_TEMPLATE]
+        corpus += ["A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's "
+                   "questions. USER: ASSISTANT:"] * 50
+        build_tokenizer_folder(tok_dir, corpus, data.vocab_size, data.model_max_length)
+        with open(marker, "w") as f:
+            f.write(want)
+    return root, tok_dir
 
 
 def main(argv=None):

@@ -1,8 +1,9 @@
 """End-to-end evaluation: generate each answer, segment its [SEG]s, score against the targets.
 
-The teacher-forced protocol (:mod:`m2sa_jax.evaluation.runner`) feeds the ground-truth answer;
-here the model writes its own (greedy, :class:`~m2sa_jax.pipeline.M2SAPredictor`'s batched
-generate-then-segment: each image encoded once, all [SEG]s of a batch in one mask-decoder call).
+The teacher-forced protocol (:mod:`m2sa_jax.evaluation.teacher_forced`) feeds the ground-truth
+answer; here the model writes its own (greedy, :class:`~m2sa_jax.inference.predictor.
+M2SAPredictor`'s batched generate-then-segment: each image encoded once, all [SEG]s of a batch
+in one mask-decoder call).
 An answer need not have as many [SEG]s as the question has targets. The k-th mask is scored
 against the k-th target; with fewer masks the remaining targets get an empty prediction (a miss:
 IoU 0, its pixels join the cIoU union; 1.0 if that target is empty too); with more, the extra
@@ -17,9 +18,13 @@ import time
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from m2sa_jax.data.types import BadRecord, Sample
-from m2sa_jax.evaluation import runner
+from m2sa_jax.inference.overlay import overlay
+from m2sa_jax.inference.predictor import read_image
+from m2sa_jax.evaluation.results import ResultsFile, restore_or_start, save_state
 from m2sa_jax.evaluation.metrics import SegmentationMetrics
 
 COUNTERS = ("exact", "fewer", "more", "missing_masks", "extra_masks")
@@ -43,8 +48,6 @@ def score_question(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None =
 
 def _prepare(predictor, sample: Sample):
     """(rgb, gt per question, ignore per question) or BadRecord."""
-    from m2sa_jax.pipeline import read_image
-
     try:
         rgb = read_image(sample.image_path, predictor.max_image_pixels)
     except (ValueError, OSError) as e:
@@ -70,13 +73,12 @@ def _prepare(predictor, sample: Sample):
 
 def evaluate_generate(predictor, samples: Sequence[Sample], *, split: str,
                       metrics: SegmentationMetrics | None = None, skips=None,
-                      progress: bool = True, results: runner.ResultsFile | None = None,
+                      progress: bool = True, results: ResultsFile | None = None,
                       save_every: int = 10, overlay_dir: str | None = None, overlays: int = 0):
     """Generate-then-segment over the samples (bare questions; the predictor adds the evaluation
-    prompt). Returns (metrics, skips, stats, counters); resumable like ``runner.evaluate``."""
-    from tqdm import tqdm
-
-    metrics, skips, stats, counters = runner.restore_or_start(results, metrics, skips)
+    prompt). Returns (metrics, skips, stats, counters); resumable like
+    ``teacher_forced.evaluate``."""
+    metrics, skips, stats, counters = restore_or_start(results, metrics, skips)
     for key in COUNTERS:
         counters.setdefault(key, 0)
     done = metrics.done_records(split) | set(getattr(skips, "ids", ()))
@@ -120,20 +122,16 @@ def evaluate_generate(predictor, samples: Sequence[Sample], *, split: str,
         bar.update(len(todo[first:first + group]))
         if stats["batches"] % max(save_every, 1) == 0:
             stats["seconds"] = seconds0 + time.perf_counter() - start
-            runner.save_state(results, metrics, skips, stats, counters)
+            save_state(results, metrics, skips, stats, counters)
     bar.close()
     stats["seconds"] = seconds0 + time.perf_counter() - start
     stats["samples_per_s"] = stats["questions"] / max(stats["seconds"], 1e-9)
-    runner.save_state(results, metrics, skips, stats, counters)
+    save_state(results, metrics, skips, stats, counters)
     return metrics, skips, stats, counters
 
 
 def _overlay(out_dir, index, sample, question, rgb, result, gt) -> None:
     """Generated masks (with the answer) | ground truth, side by side."""
-    from PIL import Image
-
-    from m2sa_jax.overlay import overlay
-
     os.makedirs(out_dir, exist_ok=True)
     left = overlay(rgb, result.masks, result.labels, title=result.answer[:80] or "(empty answer)")
     right = overlay(rgb, gt, [r.label for r in sample.masks[question]], title="ground truth")

@@ -25,7 +25,7 @@ def print_table(metrics: dict, title: str = "", instances: dict | None = None) -
 
 
 def print_summary(s: dict) -> None:
-    """eval.py's summary (what :func:`m2sa_jax.evaluation.runner.run` returns): the table, the
+    """eval.py's summary (what :func:`m2sa_jax.evaluation.run.run` returns): the table, the
     counts, the generate protocol's answer statistics and the skipped records."""
     print_table(s["metrics"], f"{s['dataset']} {s['split']} ({s['protocol'].replace('_', '-')}), "
                               f"{s['checkpoint']}", s.get("instance_separation"))

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             jax.distributed.initialize()
         # Imported once the cluster is up: jax.distributed.initialize must come before
         # anything touches a device.
-        from m2sa_jax.evaluation.runner import run as evaluate
+        from m2sa_jax.evaluation.run import run as evaluate
 
         cfg = config.value
         try:

@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
                                        process_id=process_id.value)
         # Imported once the cluster is up: jax.distributed.initialize must come before
         # anything touches a device.
+        from m2sa_jax.evaluation.teacher_forced import split_evaluator
         from m2sa_jax.training.loop import train
 
         cfg = config.value
         run_dir = workdir.value or cfg.workdir
-        summary = train(cfg, run_dir)
+        # the held-out evaluation before and after training is a hook of the loop
+        summary = train(cfg, run_dir, evaluator=split_evaluator(cfg))
         trained = summary.get("trained", {}).get("metrics", {}).get("all")
         if trained:
             print(f"done: {summary['steps']} steps; val gIoU {trained['giou']:.3f} cIoU "

@@ -134,14 +134,19 @@ class M2SA(nn.Module):
                                         positions=mm["positions"])
         return {**out, **mm}
 
-    def segment(self, seg_embeddings, seg_image, image_embeddings, early_features,
-                resized_sizes, original_sizes, mask_size):
-        """[SEG] embeddings [M, 256] → low-res [M, 256, 256] and full-size [M, Hmax, Wmax]."""
+    def decode_masks(self, seg_embeddings, seg_image, image_embeddings, early_features):
+        """[SEG] embeddings [M, 256] → SAM's low-res mask logits [M, 256, 256], each decoded on
+        the encodings of its image (``seg_image`` [M])."""
         early = early_features if self.config.sam.use_compress_vit else None
         dec = self.sam.decode(image_embeddings, text_embeds=seg_embeddings[:, None],
                               multimask_output=False, early_features=early,
                               image_index=seg_image)
-        low_res = dec["low_res_masks"][:, 0]                                 # [M, 256, 256]
+        return dec["low_res_masks"][:, 0]                                   # [M, 256, 256]
+
+    def segment(self, seg_embeddings, seg_image, image_embeddings, early_features,
+                resized_sizes, original_sizes, mask_size):
+        """[SEG] embeddings [M, 256] → low-res [M, 256, 256] and full-size [M, Hmax, Wmax]."""
+        low_res = self.decode_masks(seg_embeddings, seg_image, image_embeddings, early_features)
         img = self.config.sam.img_size
         full = jax.vmap(lambda m, r, o: sam_lib.postprocess_masks_padded(
             m, r, o, mask_size, img_size=img))(
@@ -156,6 +161,14 @@ class M2SA(nn.Module):
         low_res, full = self.segment(seg_embeddings, seg_image, image_embeddings,
                                      early_features, resized_hw, original_hw, mask_hw)
         return dict(seg_embeddings=seg_embeddings, low_res_masks=low_res, mask_logits=full)
+
+    def low_res_masks_from_hidden(self, hidden, seg_image, image_embeddings, early_features):
+        """:meth:`masks_from_hidden` without the resize to image size, whose output shape
+        follows the images: a server keeps its compiled shapes fixed and resizes on the host
+        (``sam.postprocess_masks_host``)."""
+        seg_embeddings = self.text_hidden_fcs(hidden).astype(jnp.float32)    # [M, 256]
+        low_res = self.decode_masks(seg_embeddings, seg_image, image_embeddings, early_features)
+        return dict(seg_embeddings=seg_embeddings, low_res_masks=low_res)
 
     # --- the teacher-forced forward (training and the paper's evaluation) -------------------
 

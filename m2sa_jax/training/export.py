@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2sa_jax.training.export",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the run's directory (train.py --workdir)")
-    parser.add_argument("--dst", required=True, help="output folder (LISA/M²SA Hugging Face layout)")
+    parser.add_argument("--dst", required=True,
+                        help="output folder (LISA/M²SA Hugging Face layout)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--dtype", choices=dtypes.NAMES, default=None,
                         help="dtype of the written weights (default float32)")

@@ -1,5 +1,6 @@
-"""``train(config, workdir)``: the whole run — data, model, sharding, steps, checkpoints, logs,
-and the evaluation on the held-out split at the end.
+"""``train(config, workdir)``: the whole run — data, model, sharding, then a short loop over
+steps around which named hooks (training/hooks.py) write metrics, save checkpoints and decide
+when to stop; the held-out evaluation before and after is a hook its caller hands in.
 
 Resuming is automatic: if ``workdir/checkpoints`` holds a step, parameters, optimizer state,
 step, RNG and the data iterator's position are restored and the run continues where it
@@ -12,14 +13,14 @@ import json
 import math
 import os
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from m2sa_jax import sharding
-from m2sa_jax.data import mixed
+from m2sa_jax.data import mixed, synthetic
 from m2sa_jax.data.mmr import MMRDataset, mmr_split_path
 from m2sa_jax.data.pipeline import BatchShapes
 from m2sa_jax.data.skips import SkipCounter
@@ -29,24 +30,12 @@ from m2sa_jax.models.m2sa import M2SA, M2SAConfig
 from m2sa_jax.checkpoints import runs
 from m2sa_jax.checkpoints.runs import RunCheckpoints, abstract_like
 from m2sa_jax.data.tokenizer import LegacyLlamaTokenizer
-from m2sa_jax.training.checkpoint import StopFlag
-from m2sa_jax.training import optim, setup
+from m2sa_jax.training import hooks, optim, setup
 from m2sa_jax.training.step import make_train_step
 
 
-TRAIN_LOG = "train_log.jsonl"      # one JSON line per step: step, lr, finite, loss terms
 # data.kind: the generated demo data, one MMR split, or the paper's four-group mixture
 DATA_KINDS = ("synthetic", "mmr", "mixture")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class TimeLimitExceeded(RuntimeError):
-    """The run passed ``train.max_minutes`` before its last step. The limit is a guard against
-    a run far slower than planned, never a way to end training early: a run trains its
-    configured steps or fails with this error (its state saved, so running again continues)."""
 
 
 def check_data_kind(cfg) -> str:
@@ -82,7 +71,7 @@ class Built(NamedTuple):
 def build(cfg) -> Built:
     """Model config, initial parameters, tokenizer and data roots for a config."""
     if check_data_kind(cfg) == "synthetic":
-        root, tok_dir = setup.synthetic_data(cfg)
+        root, tok_dir = synthetic.prepare(cfg.data)
         images = os.path.join(root, "images")
     else:
         (root, images), tok_dir = data_roots(cfg), None
@@ -184,29 +173,28 @@ def _next_batch(stream, grad_accum):
     return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 
-def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = True,
+def train(cfg, workdir: str, *, evaluator: Callable | None = None, progress: bool = True,
           stop_after: int | None = None) -> dict:
-    """Trains (resuming if possible) for ``train.steps`` steps, then evaluates. Returns a
-    summary dict. Past ``train.max_minutes`` (when set) the run saves its state and raises
-    :class:`TimeLimitExceeded` instead of finishing: it never ends early with fewer steps.
+    """Trains (resuming if possible) for ``train.steps`` steps; with ``evaluator``, scores the
+    model before (a fresh run, if ``eval.before_training``) and after. Returns a summary dict.
+    Past ``train.max_minutes`` (when set) the run saves its state and raises
+    :class:`~m2sa_jax.training.hooks.TimeLimitExceeded`: it never ends early with fewer steps.
 
+    ``evaluator(label, model, params, built, overlay_dir, progress) -> dict`` is the end-of-run
+    evaluation hook (train.py passes :func:`m2sa_jax.evaluation.teacher_forced.split_evaluator`).
     ``stop_after``: leave the loop after this many steps of *this* process (tests use it to
     emulate a killed run; the checkpoint is saved as on SIGTERM).
     """
-    from tqdm import tqdm
-    from tensorboardX import SummaryWriter
-
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
     mesh = sharding.mesh_from_config(cfg.mesh)
     built = build(cfg)
-    config, tokenizer, root, images = built.config, built.tokenizer, built.root, built.images
-    model = M2SA(config)
-    state, state_sh, optimizer, schedule, labels, lora_cfg = init_state(cfg, config,
+    model = M2SA(built.config)
+    state, state_sh, optimizer, schedule, labels, lora_cfg = init_state(cfg, built.config,
                                                                         built.params, mesh)
     built = built._replace(params=None)
     if jax.process_index() == 0:     # the workdir describes its model: it loads on its own
-        runs.describe_run(workdir, config, lora_cfg, built.tokenizer_folder,
+        runs.describe_run(workdir, built.config, lora_cfg, built.tokenizer_folder,
                           experiment=cfg.to_dict(), source_config=built.source_config)
     counts = optim.count_by_label(state["variables"], labels)
     weights = dict(ce_weight=cfg.train.ce_weight, bce_weight=cfg.train.bce_weight,
@@ -218,102 +206,54 @@ def train(cfg, workdir: str, *, evaluate_at_end: bool = True, progress: bool = T
                       donate_argnums=(0,))
 
     skips = SkipCounter()
-    stream = _train_stream(cfg, config, tokenizer, root, images, skips)
-    ckpts = RunCheckpoints(os.path.join(workdir, "checkpoints"),
-                                    keep=cfg.train.keep_checkpoints)
+    stream = _train_stream(cfg, built.config, built.tokenizer, built.root, built.images, skips)
+    ckpts = RunCheckpoints(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
     start_step = 0
-    latest = ckpts.latest_step()
-    if latest is not None:
-        state, data_state = ckpts.restore(latest, abstract_like(state))
+    if ckpts.latest_step() is not None:
+        state, data_state = ckpts.restore(ckpts.latest_step(), abstract_like(state))
         stream.set_state(data_state)
         start_step = int(state["step"])
         print(f"resumed from {ckpts.directory} at step {start_step}")
     summary = dict(trainable_params=counts[optim.TRAINABLE], frozen_params=counts[optim.FROZEN],
                    start_step=start_step)
-    print(f"model: {config.variant}, trainable {counts[optim.TRAINABLE]:,} / frozen "
+    print(f"model: {built.config.variant}, trainable {counts[optim.TRAINABLE]:,} / frozen "
           f"{counts[optim.FROZEN]:,} parameters; mesh {dict(mesh.shape)}")
-    if evaluate_at_end and start_step == 0 and cfg.eval.get("before_training", True):
-        summary["untrained"] = evaluate_split(cfg, model, state, config, tokenizer, root, images,
-                                              None, progress=progress, label="untrained")
 
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    flag = StopFlag()
-    losses = []
-    log_file = open(os.path.join(workdir, TRAIN_LOG), "a")
-    bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", disable=not progress,
-               dynamic_ncols=True)
-    step = start_step
-    samples = 0
-    t_loop = time.perf_counter()
-    stopped = None
-    saved = start_step
+    def evaluate(label, overlay_dir=None):
+        params = merged_params(state, lora_cfg)
+        return evaluator(label, model, params, built, overlay_dir, progress)
+
+    if evaluator is not None and start_step == 0 and cfg.eval.before_training:
+        summary["untrained"] = evaluate("untrained")
+
+    writer = hooks.MetricsWriter(workdir, cfg.train.steps, start_step, cfg.train.log_every,
+                                 schedule, progress)
+    saver = hooks.Checkpointer(ckpts, cfg.train.checkpoint_every, start_step, stream)
+    rules = hooks.StopRules(cfg, start_step, t_start, stop_after, ckpts, skips, stream)
+    step, stopped = start_step, None
     try:
-        while step < cfg.train.steps:
+        while step < cfg.train.steps and stopped is None:
             batch = _next_batch(stream, cfg.train.grad_accum)
             # examples split over (data, fsdp): the data-parallel part of the mesh
             state, m = step_fn(state, sharding.put_batch(batch, mesh, cfg.train.grad_accum > 1))
             step += 1
-            samples += int(np.asarray(batch["conv_valid"]).sum())
             m = jax.device_get(m)
-            losses.append(float(m["loss"]))
-            if not m["finite"]:
-                summary["nonfinite_steps"] = summary.get("nonfinite_steps", 0) + 1
-            lr = float(schedule(step - 1))          # the rate this step's update used
-            log_file.write(json.dumps(dict(
-                step=step, lr=lr, finite=bool(m["finite"]),
-                **{k: float(m[k]) for k in ("loss", "ce", "bce", "dice", "grad_norm")})) + "\n")
-            log_file.flush()
-            if int(state["nonfinite"]) >= cfg.train.max_nonfinite:
-                ckpts.close()               # pending saves land before the run stops
-                raise NonFiniteLoss(
-                    f"step {step}: the loss or its gradient was not finite for "
-                    f"{int(state['nonfinite'])} steps in a row (updates were skipped). Lower "
-                    f"train.lr, check the data (skipped records: {dict(skips.counts)}), or use "
-                    f"float32 compute; the last good state is in {ckpts.directory}.")
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                rate = samples / max(time.perf_counter() - t_loop, 1e-9)
-                for k in ("loss", "ce", "bce", "dice", "grad_norm"):
-                    writer.add_scalar(f"train/{k}", float(m[k]), step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/samples_per_s", rate, step)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}",
-                                bce=f"{m['bce']:.3f}", dice=f"{m['dice']:.3f}", lr=f"{lr:.2e}",
-                                sps=f"{rate:.1f}")
-            bar.update(1)
-            if flag.stop or (stop_after is not None and step - start_step >= stop_after):
-                stopped = flag.signal or "stop_after"
-                break
-            minutes = (time.perf_counter() - t_start) / 60
-            if cfg.train.get("max_minutes") and minutes > cfg.train.max_minutes and \
-                    step < cfg.train.steps:
-                ckpts.save(step, state, stream.get_state(), force=True)
-                ckpts.close()               # the save lands before the run fails
-                raise TimeLimitExceeded(
-                    f"step {step} of {cfg.train.steps}: this run has taken {minutes:.1f} min, "
-                    f"past train.max_minutes={cfg.train.max_minutes:g} (a guard against a run "
-                    f"far slower than planned; nothing was evaluated). Its state at step {step} "
-                    f"is saved in {ckpts.directory}: run the same command again to continue "
-                    f"from there, with --config.train.max_minutes=0 to train without the "
-                    f"guard.")
-            if step % cfg.train.checkpoint_every == 0:
-                ckpts.save(step, state, stream.get_state())
-                saved = step
+            writer.on_step(step, state, m, batch)
+            stopped = rules.on_step(step, state)
+            if stopped is None:
+                saver.on_step(step, state)
     finally:
-        bar.close()
-        log_file.close()
-        writer.close()                      # flushed even when the run stops on an error
-        flag.restore()
-    if saved != step:
-        ckpts.save(step, state, stream.get_state(), force=True)
-    ckpts.close()
-    summary.update(steps=step, losses=losses, stopped=stopped, skipped=dict(skips.counts),
-                   train_seconds=time.perf_counter() - t_loop)
+        writer.close()
+        rules.close()
+    saver.on_end(step, state)
+    summary.update(steps=step, losses=writer.losses, stopped=stopped, skipped=dict(skips.counts),
+                   train_seconds=writer.seconds())
+    if writer.nonfinite_steps:
+        summary["nonfinite_steps"] = writer.nonfinite_steps
     if stopped in ("SIGTERM", "SIGINT", "stop_after"):
         return summary
-    if evaluate_at_end:
-        summary["trained"] = evaluate_split(cfg, model, state, config, tokenizer, root, images,
-                                            os.path.join(workdir, "overlays"), progress=progress,
-                                            label="trained")
+    if evaluator is not None:
+        summary["trained"] = evaluate("trained", os.path.join(workdir, "overlays"))
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "losses"}, f, indent=2)
     summary["total_seconds"] = time.perf_counter() - t_start
@@ -325,34 +265,3 @@ def merged_params(state, lora_cfg):
     if lora_cfg is None or "lora" not in variables:
         return variables["params"]
     return lora_lib.merge(variables["params"], variables["lora"], lora_cfg)
-
-
-def evaluate_split(cfg, model, state, config, tokenizer, root, images, overlay_dir, *,
-                   progress=True, label=""):
-    """Teacher-forced gIoU/cIoU on the held-out split, overall and per granularity."""
-    from m2sa_jax.evaluation import runner
-    from m2sa_jax.evaluation.report import print_table
-
-    dataset = MMRDataset(mmr_split_path(root, cfg.eval.split), images, prompt="val")
-    samples = [dataset.sample(i, all_questions=True) for i in range(len(dataset))]
-    most = max((len(s.questions) for s in samples), default=1)
-    shapes = batch_shapes(cfg, conversations=cfg.eval.images_per_batch * most,
-                          images=cfg.eval.images_per_batch)
-    params = merged_params(state, lora_lib.LoraConfig.from_dict(cfg.train.lora))
-    forward = runner.make_forward(model)
-    metrics, skips, stats = runner.evaluate(
-        forward, {"params": params}, samples, tokenizer, shapes, split=cfg.eval.split,
-        sam_size=config.sam.img_size, clip_size=config.llava.vision.image_size,
-        overlay_dir=overlay_dir, overlays=cfg.eval.overlays, progress=progress,
-        total=len(samples))
-    result = metrics.result()[cfg.eval.split]
-    instances = stats.pop("instance_separation")
-    print_table(result, title=f"{label} model, {cfg.eval.split} split (teacher-forced)",
-                instances=instances)
-    if skips.total:
-        print(f"skipped records: {dict(skips.counts)}")
-    if overlay_dir:
-        print(f"overlays: {os.path.abspath(overlay_dir)}")
-    return dict(metrics=result, instance_separation=instances, stats=stats,
-                skipped=dict(skips.counts))
-

@@ -11,7 +11,6 @@ from the config's sizes (the synthetic demo).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -121,10 +120,11 @@ def init_from_checkpoints(cfg, seed: int):
         if config.variant != cfg.model.variant:
             config = dataclasses.replace(config, variant=cfg.model.variant)
         params = model.params
-        if cfg.model.variant == "m2sa" and "compress_vit_conv0" not in params["sam"]["mask_decoder"]:
+        decoder = params["sam"]["mask_decoder"]
+        if cfg.model.variant == "m2sa" and "compress_vit_conv0" not in decoder:
             fresh = random_params(config, seed)       # a LISA continued as M²SA: fusion starts new
-            params["sam"]["mask_decoder"].update(
-                {k: v for k, v in fresh["sam"]["mask_decoder"].items() if k.startswith("compress_vit")})
+            decoder.update({k: v for k, v in fresh["sam"]["mask_decoder"].items()
+                            if k.startswith("compress_vit")})
         return config, params, model.tokenizer_folder, model.meta.get("source_config") or {}
     if not (cfg.model.llava_checkpoint and cfg.model.sam_checkpoint):
         raise ValueError("set model.checkpoint (a LISA/M²SA model to continue: converted "
@@ -155,36 +155,3 @@ def init_from_checkpoints(cfg, seed: int):
     params = {"llava": llava_params, "sam": sam_params, "text_hidden_fcs": fresh["text_hidden_fcs"]}
     converted.check_tree(params, abstract_params(config), "initial parameters")
     return config, params, cfg.model.llava_checkpoint, {}
-
-
-def synthetic_data(cfg) -> tuple[str, str]:
-    """Generates the synthetic dataset and its tokenizer on first use. Returns (root, tokenizer
-    folder)."""
-    from m2sa_jax.data import synthetic
-    from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
-
-    root = cfg.data.root
-    tok_dir = os.path.join(root, "tokenizer")
-    marker = os.path.join(root, "COMPLETE")
-    want = (f"{cfg.data.train_images} {cfg.data.val_images} {cfg.data.generator_seed} "
-            f"{cfg.data.vocab_size} v{synthetic.VERSION}")          # a new generator regenerates
-    if not (os.path.isfile(marker) and open(marker).read() == want):
-        synthetic.generate(root, cfg.data.train_images, cfg.data.val_images,
-                           seed=cfg.data.generator_seed)
-        corpus = []
-        import json
-
-        for split in ("train", "val"):
-            with open(os.path.join(root, f"MMR_{split}.json")) as f:
-                for rec in json.load(f):
-                    corpus += rec["questions"] + [a.format(seg="") for a in rec["text_answers"]]
-        from m2sa_jax.data import templates
-
-        corpus += list(templates.long_questions(expand=True)) + [templates.VAL_QUESTION_TEMPLATE]
-        corpus += ["A chat between a curious human and an artificial intelligence assistant. "
-                   "The assistant gives helpful, detailed, and polite answers to the human's "
-                   "questions. USER: ASSISTANT:"] * 50
-        build_tokenizer_folder(tok_dir, corpus, cfg.data.vocab_size, cfg.data.model_max_length)
-        with open(marker, "w") as f:
-            f.write(want)
-    return root, tok_dir

@@ -32,7 +32,7 @@ from m2sa_jax.models.sam.config import SAM_CONFIGS, SamConfig, narrow_config, sa
 from m2sa_jax.models.sam.image_encoder import ImageEncoderViT, get_rel_pos
 from m2sa_jax.models.sam.mask_decoder import MaskDecoder, Upscale2x
 from m2sa_jax.models.sam.postprocess import (interpolate_bilinear, postprocess_masks,
-                                             postprocess_masks_padded)
+                                             postprocess_masks_host, postprocess_masks_padded)
 from m2sa_jax.models.sam.prompt_encoder import PromptEncoder
 from m2sa_jax.models.sam.sam import Sam, abstract_params, init_params
 from m2sa_jax.models.sam.transformer import TwoWayTransformer
@@ -40,6 +40,7 @@ from m2sa_jax.models.sam.transformer import TwoWayTransformer
 __all__ = (
     "SamConfig", "SAM_CONFIGS", "sam_config", "narrow_config", "Sam", "ImageEncoderViT",
     "PromptEncoder", "MaskDecoder", "TwoWayTransformer", "Upscale2x", "postprocess_masks",
-    "postprocess_masks_padded", "get_rel_pos", "abstract_params", "init_params",
+    "postprocess_masks_host", "postprocess_masks_padded", "get_rel_pos", "abstract_params",
+    "init_params",
     "interpolate_bilinear",
 )

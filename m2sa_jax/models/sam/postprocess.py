@@ -84,3 +84,24 @@ def postprocess_masks_padded(low_res_logits, input_size, original_size,
     wh = interp_weights(original_size[0], input_size[0], max_size[0], img_size)
     ww = interp_weights(original_size[1], input_size[1], max_size[1], img_size)
     return resize_hw(up, wh, ww)
+
+
+def postprocess_masks_host(low_res_logits, input_size: tuple[int, int],
+                           original_size: tuple[int, int], img_size: int = 1024) -> np.ndarray:
+    """:func:`postprocess_masks` in NumPy on the host: [..., h, w] → float32 [..., H, W].
+
+    Upscaling to ``img_size``, cropping to ``input_size`` and resizing to ``original_size`` are
+    one linear map per axis, ``A_h`` [H, h] and ``A_w`` [W, w], composed here in float64 from
+    the same torch weights (align_corners=False, no antialias); the result is ``A_h · x · A_wᵀ``.
+    Lets a server keep every compiled shape fixed whatever the image sizes it is sent.
+    """
+    x = np.asarray(low_res_logits, np.float32)
+
+    def axis(n_low: int, n_in: int, n_out: int) -> np.ndarray:
+        up = interp_weights(img_size, n_low, img_size, n_low)[:n_in]           # [n_in, n_low]
+        down = interp_weights(n_out, n_in, n_out, n_in)                        # [n_out, n_in]
+        return (down.astype(np.float64) @ up.astype(np.float64)).astype(np.float32)
+
+    a_h = axis(x.shape[-2], int(input_size[0]), int(original_size[0]))
+    a_w = axis(x.shape[-1], int(input_size[1]), int(original_size[1]))
+    return np.matmul(np.matmul(a_h, x), a_w.T)

@@ -1,213 +1,25 @@
-"""Benchmark readers: upstream on-disk formats → evaluation :class:`Sample` lists.
-
-Every reader returns ``(samples, skips)``: samples with stable ``record_id`` s, and the
-data package's :class:`~m2sa_jax.data.skips.SkipCounter` naming every record left out and
-why (``strict=True`` raises on the first bad record instead). Each sample's questions are the
-bare sentence (as every source stores them) and its ``extra`` holds the exact evaluation turns:
-
-- ``extra["eval_questions"]``: the user turns without the ``<image>\\n`` prefix, e.g.
-  ``" {question} Please output segmentation mask."`` (the public evaluation prompt);
-- ``extra["eval_answers"]``: the teacher-forced assistant turns, e.g. ``"[SEG]."``;
-- ``extra["ignore_masks"]`` (ReasonSeg only): per target, a :class:`MaskRef` of the pixels
-  the metric must not count (``mask_stats(..., ignore=...)``), aligned with ``masks``.
-
-Readers and the public code they follow (read for facts):
-
-- MMR (val, test_mixed, test_obj_only, test_part_only): the MMR reader, every question with
-  its own answer (``text_answers[i]`` with one [SEG] per target) — :func:`mmr`.
-- ReasonSeg (LISA's ``reason_seg/ReasonSeg/{val,test}/*.jpg`` + same-named ``.json``):
-  only the first query text of an image is evaluated; the ground truth is the polygon label
-  map of LISA's ``get_mask_from_json`` — polygons sorted by area, largest first, each drawn
-  (outline of width 1 then fill, points truncated to int) with 1 for targets and 255 for
-  labels containing "ignore"; "flag" shapes dropped — target = (map == 1), ignore =
-  (map == 255) — :func:`reason_seg`.
-- RefCOCO / RefCOCO+ / RefCOCOg (REFER refs pickle + instances.json): one sample per image,
-  every sentence of every ref of the split a question ``"What is {sent} in this image?"``
-  (sentence stripped and lower-cased) with one [SEG] and that ref's mask — :func:`refcoco`.
-- Multi-target referring (paper Table 4 / §A.10): per image of a REFER split, 4–6 of its COCO
-  categories (seeded per image) in one question "Can you segment the a, b, and c?", answered
-  "a [SEG], b [SEG] and c [SEG].", one mask per category = union of its instances —
-  :func:`multi_target_referring` with ``protocol="paper"``. The public code's own variant
-  (``protocol="released"``) instead chains the image's referring sentences in groups of 6, 5,
-  4, 6, … as ``"What is s1, s2 and s3 in this image?"`` → ``"[SEG], [SEG] and [SEG]."``.
-- RefCOCOm (part-level referring): the MMR code reads it in the CRIS layout that the
-  RefCOCOm release follows — an annotation JSON list of ``{segment_id, img_name, cat,
-  bbox, sentences: [{idx, sent_id, sent}], sentences_num}`` and one ``masks/<segment_id>.png``
-  (0 / 255) per ref — one sample per ref, every sentence a question with the same mask
-  — :func:`refcocom`. Releases in the REFER layout go through :func:`refcoco`.
-"""
+"""Referring benchmarks in the REFER layout (RefCOCO / RefCOCO+ / RefCOCOg), the multi-target
+referring protocol built on them (paper Table 4), and RefCOCOm in the CRIS layout."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
 
 from m2sa_jax.data import templates
-from m2sa_jax.data.conversation import validation_answer, validation_question
-from m2sa_jax.data.images import image_size
-from m2sa_jax.data.mmr import MMRDataset
+from m2sa_jax.data.benchmarks.common import (PAPER_CATEGORY_RANGE, REFER_SPLITS,
+                                             RELEASED_GROUP_SIZES, with_eval_turns)
+from m2sa_jax.data.conversation import validation_question
 from m2sa_jax.data.refer import Refer
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.sources.common import coco_mask
 from m2sa_jax.data.types import SEG_TOKEN, BadRecord, MaskRef, Sample
-
-MMR_SPLITS = {
-    "val": "MMR_val.json",
-    "test_mixed": "MMR_test_mixed.json",
-    "test_obj_only": "MMR_test_obj_only.json",
-    "test_part_only": "MMR_test_part_only.json",
-}
-REFER_SPLITS = {
-    "refcoco": ("unc", ("val", "testA", "testB")),
-    "refcoco+": ("unc", ("val", "testA", "testB")),
-    "refcocog": ("umd", ("val", "test")),
-}
-RELEASED_GROUP_SIZES = (6, 5, 4)
-PAPER_CATEGORY_RANGE = (4, 6)
-
-
-def _with_eval_turns(sample: Sample, questions: Sequence[str] | None = None,
-                     answers: Sequence[str] | None = None) -> Sample:
-    sample.extra["eval_questions"] = list(questions) if questions is not None else [
-        validation_question(q.strip()) for q in sample.questions]   # the public eval strips
-    sample.extra["eval_answers"] = list(answers) if answers is not None else [
-        validation_answer(a) for a in sample.answers]
-    return sample
-
-
-# ----------------------------------------------------------------------------------- MMR
-
-def mmr(mmr_root: str, image_root: str, split: str = "val", strict: bool = False,
-        **reader_kwargs) -> tuple[list[Sample], SkipCounter]:
-    """An MMR split (``val``, ``test_mixed``, ``test_obj_only``, ``test_part_only``) in
-    validation mode: every question of every record, each with its own teacher-forced answer.
-
-    ``mmr_root`` holds the ``MMR_*.json`` files; ``image_root`` the COCO images the records'
-    ``file_name`` s resolve under. The MMR reader decides object/part per mask
-    (``MaskRef.kind``), which the metrics break down by; ``reader_kwargs`` go to it.
-    """
-    if split not in MMR_SPLITS:
-        raise ValueError(f"MMR split {split!r} is not one of {sorted(MMR_SPLITS)}")
-    dataset = MMRDataset(os.path.join(mmr_root, MMR_SPLITS[split]), image_root, prompt="raw",
-                         strict=strict, **reader_kwargs)
-    samples = [_with_eval_turns(dataset.sample(i, all_questions=True)) for i in range(len(dataset))]
-    return samples, dataset.skips
-
-
-# ------------------------------------------------------------------------------ ReasonSeg
-
-def _read_json_text(path: str) -> Any:
-    """UTF-8, falling back to cp1252 as the public reader does for a few ReasonSeg files."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("cp1252")
-    return json.loads(text)
-
-
-def _reason_seg_polygons(shapes: Any) -> list[tuple[np.ndarray, int]]:
-    """Validated (points [1, n, 2] int32, value) per drawable shape, in file order."""
-    if not isinstance(shapes, list):
-        raise BadRecord("malformed_shapes", "'shapes' is not a list")
-    out = []
-    for k, shape in enumerate(shapes):
-        label = shape.get("label") if isinstance(shape, dict) else None
-        if not isinstance(label, str):
-            raise BadRecord("malformed_shapes", f"shape {k} has no string 'label'")
-        if label.lower() == "flag":
-            continue
-        try:
-            points = np.asarray(shape["points"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as e:
-            raise BadRecord("malformed_shapes", f"shape {k} points unreadable ({e})") from None
-        if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0 or not np.isfinite(points).all():
-            raise BadRecord("malformed_shapes", f"shape {k} points are not a list of [x, y]")
-        value = 255 if "ignore" in label.lower() else 1
-        out.append((points.astype(np.int32)[None], value))
-    return out
-
-
-def reason_seg_label_map(shapes: Any, height: int, width: int) -> np.ndarray:
-    """LISA's ReasonSeg ground truth: uint8 [H, W], 1 = target, 255 = ignore, 0 = background."""
-    import cv2  # LISA's drawing routines; only ReasonSeg needs OpenCV
-
-    polys = _reason_seg_polygons(shapes)
-    areas = []
-    for points, _ in polys:
-        canvas = np.zeros((height, width), np.uint8)
-        cv2.polylines(canvas, points, True, 1, 1)
-        cv2.fillPoly(canvas, points, 1)
-        areas.append(int(canvas.sum()))
-    label = np.zeros((height, width), np.uint8)  # [H, W]
-    # Largest first, with ties broken exactly as upstream (reversed default argsort).
-    for k in np.argsort(np.asarray(areas, np.int64))[::-1]:
-        points, value = polys[int(k)]
-        cv2.polylines(label, points, True, value, 1)
-        cv2.fillPoly(label, points, value)
-    return label
-
-
-def _reason_seg_region(json_path: str, height: int, width: int, value: int) -> np.ndarray:
-    return reason_seg_label_map(_read_json_text(json_path)["shapes"], height, width) == value
-
-
-def reason_seg(split_dir: str, strict: bool = False) -> tuple[list[Sample], SkipCounter]:
-    """ReasonSeg ``val`` or ``test`` (``<root>/reason_seg/ReasonSeg/<split>``), sorted by name.
-
-    One sample per image: its first query text, stripped; a sentence (``is_sentence``) is the
-    question as is, a phrase becomes ``"What is {text} in this image?"`` (the public
-    evaluation's two prompts). One target per image: the union of target polygons, with the
-    ignore polygons in ``extra["ignore_masks"]``. An image without target polygons stays
-    (its ground truth is empty: an empty prediction scores 1.0).
-    """
-    skips = SkipCounter(strict=strict)
-    samples = []
-    images = sorted(glob.glob(os.path.join(split_dir, "*.jpg")))
-    if not images:
-        raise FileNotFoundError(f"{split_dir}: no *.jpg; expected LISA's reason_seg/ReasonSeg/<split> folder")
-    split_name = os.path.basename(os.path.normpath(split_dir))
-    for image_path in images:
-        stem = os.path.splitext(os.path.basename(image_path))[0]
-        record_id = f"reason_seg/{split_name}/{stem}"
-        json_path = os.path.splitext(image_path)[0] + ".json"
-        try:
-            if not os.path.exists(json_path):
-                raise BadRecord("missing_json", f"no {os.path.basename(json_path)} beside the image")
-            try:
-                anno = _read_json_text(json_path)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BadRecord("invalid_json", f"{json_path}: {e}") from None
-            texts = anno.get("text") if isinstance(anno, dict) else None
-            if isinstance(texts, str):
-                texts = [texts]
-            if not texts or not isinstance(texts[0], str) or not texts[0].strip():
-                raise BadRecord("no_query", "'text' holds no query")
-            height, width = image_size(image_path)  # as OpenCV shows it: EXIF-rotated
-            _reason_seg_polygons(anno.get("shapes"))
-            text = texts[0].strip()
-            question = text if anno.get("is_sentence") else f"What is {text} in this image?"
-            target = MaskRef(functools.partial(_reason_seg_region, json_path, height, width, 1),
-                             height, width, "target", "object")
-            ignore = MaskRef(functools.partial(_reason_seg_region, json_path, height, width, 255),
-                             height, width, "ignore", "object")
-        except BadRecord as e:
-            skips.add(e.reason, record_id, f"{json_path}: {e}")
-            continue
-        sample = Sample(source="reason_seg", record_id=record_id, image_path=image_path,
-                        questions=[question], answers=[SEG_TOKEN], masks=[[target]],
-                        height=height, width=width,
-                        extra={"ignore_masks": [[ignore]], "is_sentence": bool(anno.get("is_sentence"))})
-        samples.append(_with_eval_turns(sample))
-    return samples, skips
 
 
 # ------------------------------------------------------------------------- REFER datasets
@@ -249,7 +61,7 @@ def refcoco(data_root: str, dataset: str = "refcoco", split: str = "val",
             skips.add("no_sentences", record_id,
                       f"{refer.refs_file}: the split's refs of image {image_id} have no sentence")
             continue
-        samples.append(_with_eval_turns(Sample(
+        samples.append(with_eval_turns(Sample(
             source=dataset, record_id=record_id, image_path=refer.image_path(image_id),
             questions=questions, answers=[SEG_TOKEN] * len(questions), masks=masks,
             height=int(img["height"]), width=int(img["width"]))))
@@ -304,7 +116,7 @@ def refcocom(annotation_json: str, mask_dir: str, image_dir: str,
             continue
         seen.add(segment_id)
         mask = MaskRef(functools.partial(_png_equals_255, mask_path), ih, iw, rec.get("cat_name", ""), kind)
-        samples.append(_with_eval_turns(Sample(
+        samples.append(with_eval_turns(Sample(
             source="refcocom", record_id=record_id, image_path=image_path,
             questions=[f"What is {s} in this image?" for s in sents],
             answers=[SEG_TOKEN] * len(sents), masks=[[mask] for _ in sents], height=ih, width=iw)))
@@ -374,7 +186,7 @@ def multi_target_referring(data_root: str, dataset: str = "refcoco", split: str 
                             image_path=refer.image_path(image_id), questions=[question],
                             answers=[answer], masks=masks, height=h, width=w,
                             extra={"category_ids": picked})
-            samples.append(_with_eval_turns(sample, [question], [answer + "."]))
+            samples.append(with_eval_turns(sample, [question], [answer + "."]))
             continue
         sents, masks = [], []
         for ref in refer.img_to_refs[image_id]:
@@ -401,7 +213,7 @@ def multi_target_referring(data_root: str, dataset: str = "refcoco", split: str 
         sample = Sample(source=f"multi-{dataset}", record_id=record_id,
                         image_path=refer.image_path(image_id), questions=questions,
                         answers=answers, masks=grouped, height=h, width=w)
-        samples.append(_with_eval_turns(sample, [validation_question(q) for q in questions],
+        samples.append(with_eval_turns(sample, [validation_question(q) for q in questions],
                                         eval_answers))
     return samples, skips
 

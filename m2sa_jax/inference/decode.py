@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2sa_jax import quantization as quantization_lib
 from m2sa_jax.models import llama
 
 
@@ -49,6 +50,8 @@ class Generator:
     ``input_ids`` or ``inputs_embeds`` (+ ``attention_mask``). Returns a dict of numpy arrays:
     ``tokens`` [B, max_new_tokens] (``pad_id`` after a row's eos), ``lengths`` [B] (tokens up to
     and including eos), and with ``return_hidden`` ``hidden`` [B, max_new_tokens, d].
+    ``quantization`` (``"int8"``, ``"int4"`` or a :class:`~m2sa_jax.quantization.QuantSpec`):
+    ``params`` come from :func:`m2sa_jax.quantization.quantize_params` with that scheme.
     """
 
     config: llama.LlamaConfig
@@ -57,10 +60,12 @@ class Generator:
     pad_id: int = 0
     bucket: int = 64
     return_hidden: bool = False
+    quantization: Any = None
     traces: int = 0  # how often the generation function was traced (compiled)
 
     def __post_init__(self):
-        self.model = llama.LlamaForCausalLM(self.config)
+        self.model = quantization_lib.quantize_model(llama.LlamaForCausalLM(self.config),
+                                                     self.quantization)
         self._fn = jax.jit(self._generate, static_argnames=("greedy",))
 
     def __call__(self, params, input_ids=None, attention_mask=None, *, inputs_embeds=None,

@@ -1,4 +1,4 @@
-"""eval.py and the evaluation runner: command line on fixture MMR files (converted tiny M²SA) and
+"""eval.py and the evaluators: command line on fixture MMR files (converted tiny M²SA) and
 on the synthetic val split (a tiny trained workdir), teacher-forced metrics against a direct
 per-question computation, no recompilation across batches, resume after a kill, 2-host
 coverage, and the generate protocol's miss / extra accounting.
@@ -25,9 +25,11 @@ from m2sa_jax.data import benchmarks
 from m2sa_jax.data.pipeline import BatchShapes, collate, prepare_example
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import MaskRef
-from m2sa_jax.evaluation import generate_eval, runner
+from m2sa_jax.evaluation import generate_eval, run
+from m2sa_jax.evaluation import teacher_forced as tf
+from m2sa_jax.evaluation.results import ResultsFile
 from m2sa_jax.evaluation.metrics import SegmentationMetrics, iou_from_counts
-from m2sa_jax.pipeline import SegmentResult
+from m2sa_jax.inference.predictor import SegmentResult
 from m2sa_jax.checkpoints import runs
 from m2sa_jax.training import loop
 from tests.support.m2sa_helpers import write_tiny_m2sa_folder
@@ -120,7 +122,7 @@ def _direct_metrics(fixture) -> SegmentationMetrics:
     tok = pred.tokenizer
     inter, union, ids, kinds = [], [], [], []
     for s in fixture["samples"]:
-        ex = prepare_example(runner.eval_sample(s), tok, sam_size=pred.config.sam.img_size,
+        ex = prepare_example(tf.eval_sample(s), tok, sam_size=pred.config.sam.img_size,
                              clip_size=pred.config.llava.vision.image_size)
         h, w = ex.original_hw
         for k in range(len(ex.conversations)):
@@ -205,43 +207,43 @@ def test_batches_compile_once_and_resume_and_hosts_match(fixture, tmp_path):
     pred = fixture["predictor"]
     samples = fixture["samples"]
     cfg = _cfg(fixture)
-    shapes = runner.eval_shapes(cfg, samples, jax.local_device_count())
+    shapes = run.eval_shapes(cfg, samples, jax.local_device_count())
     kw = dict(split="val", sam_size=pred.config.sam.img_size,
               clip_size=pred.config.llava.vision.image_size, progress=False)
-    mesh = runner.data_mesh()
-    variables = runner.replicate({"params": pred.params}, mesh)
-    forward = runner.make_forward(pred.model, max_traces=1)    # a retrace would raise
-    full, skips, stats = runner.evaluate(forward, variables, samples, pred.tokenizer, shapes,
+    mesh = tf.data_mesh()
+    variables = tf.replicate({"params": pred.params}, mesh)
+    forward = tf.make_forward(pred.model, max_traces=1)    # a retrace would raise
+    full, skips, stats = tf.evaluate(forward, variables, samples, pred.tokenizer, shapes,
                                          mesh=mesh, **kw)
     assert stats["batches"] >= 3 and not skips.counts
     # Different token lengths and image sizes went through one compiled forward.
     assert forward._cache_size() == 1
 
     # Killed after two records, resumed: the same totals, each record once.
-    results = runner.ResultsFile(str(tmp_path / "results.json"), key={"run": "test"})
+    results = ResultsFile(str(tmp_path / "results.json"), key={"run": "test"})
 
     def killed():
         yield from samples[:3]
         raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
-        runner.evaluate(forward, variables, killed(), pred.tokenizer, shapes, mesh=mesh,
-                        results=results, save_every=1, **kw)
+        tf.evaluate(forward, variables, killed(), pred.tokenizer, shapes, mesh=mesh,
+                    results=results, save_every=1, **kw)
     partial = SegmentationMetrics.from_state_dict(results.load()["metrics"])
     assert 0 < len(partial.done_records("val")) < len(samples)
-    resumed, _, rstats = runner.evaluate(forward, variables, samples, pred.tokenizer, shapes,
-                                         mesh=mesh, results=results, save_every=1, **kw)
+    resumed, _, rstats = tf.evaluate(forward, variables, samples, pred.tokenizer, shapes,
+                                     mesh=mesh, results=results, save_every=1, **kw)
     _same_results(resumed, full)
     assert (rstats["images"], rstats["questions"], rstats["masks"]) == (
         stats["images"], stats["questions"], stats["masks"])
     with pytest.raises(ValueError, match="another evaluation"):
-        runner.ResultsFile(results.path, key={"run": "other"}).load()
+        ResultsFile(results.path, key={"run": "other"}).load()
 
     # Two simulated hosts: disjoint shares covering every record, merged = one host.
-    shares = [runner.host_records(samples, i, 2) for i in range(2)]
+    shares = [tf.host_records(samples, i, 2) for i in range(2)]
     ids = [s.record_id for share in shares for s in share]
     assert sorted(ids) == sorted(s.record_id for s in samples) and len(set(ids)) == len(ids)
-    parts = [runner.evaluate(forward, variables, share, pred.tokenizer, shapes, mesh=mesh,
+    parts = [tf.evaluate(forward, variables, share, pred.tokenizer, shapes, mesh=mesh,
                              **kw)[0] for share in shares]
     merged = SegmentationMetrics.merged(parts)
     _same_results(merged, full)
@@ -256,9 +258,9 @@ def test_batches_compile_once_and_resume_and_hosts_match(fixture, tmp_path):
     everywhere = MaskRef(lambda: np.ones((h, w), bool), h, w, "ignore")
     ignored = dataclasses.replace(first, extra=dict(
         first.extra, ignore_masks=[[everywhere] * len(m) for m in first.masks]))
-    alone = runner.evaluate(forward, variables, samples[:1], pred.tokenizer, shapes, mesh=mesh,
+    alone = tf.evaluate(forward, variables, samples[:1], pred.tokenizer, shapes, mesh=mesh,
                             **kw)[0].result()["val"]["all"]
-    got = runner.evaluate(forward, variables, [ignored] + samples[1:], pred.tokenizer, shapes,
+    got = tf.evaluate(forward, variables, [ignored] + samples[1:], pred.tokenizer, shapes,
                           mesh=mesh, **kw)[0].result()["val"]["all"]
     want = full.result()["val"]["all"]
     assert got["intersection"] == want["intersection"] - alone["intersection"]
@@ -322,7 +324,7 @@ def test_generate_eval_accounting_on_fixture_records(fixture, tmp_path):
     targets = [len(m) for s in samples for m in s.masks]
     plan = [max(n - 1, 0) if i % 3 == 0 else n + 2 if i % 3 == 1 else n
             for i, n in enumerate(targets)]
-    results = runner.ResultsFile(str(tmp_path / "gen.json"), key={"run": "gen"})
+    results = ResultsFile(str(tmp_path / "gen.json"), key={"run": "gen"})
     metrics, skips, stats, counters = generate_eval.evaluate_generate(
         _ScriptedPredictor(plan), samples, split="val", progress=False, results=results)
     fewer = sum(p < n for p, n in zip(plan, targets))
@@ -361,7 +363,7 @@ def _save_run_checkpoint(cfg, step: int) -> None:
     initialised state: the run's own checkpoint code, without compiling a train step."""
 
     built = loop.build(cfg)
-    state, *_, lora_cfg = loop.init_state(cfg, built.config, built.params, runner.data_mesh())
+    state, *_, lora_cfg = loop.init_state(cfg, built.config, built.params, tf.data_mesh())
     runs.describe_run(cfg.workdir, built.config, lora_cfg, built.tokenizer_folder,
                       experiment=cfg.to_dict())
     stream = loop._train_stream(cfg, built.config, built.tokenizer, built.root, built.images,
@@ -400,13 +402,13 @@ def test_eval_cli_on_synthetic_val_of_a_training_workdir(tmp_path):
     # No checkpoint anywhere: a message that says what was tried and what to do.
     cfg.workdir = str(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="does not exist. Tried:") as e:
-        runner.load_model(cfg)
+        run.load_model(cfg)
     assert "training workdir" in str(e.value) and "converted" in str(e.value)
     # A workdir whose run has not saved a step yet: told to wait or train, not to convert.
     os.makedirs(tmp_path / "starting" / "checkpoints")
     cfg.workdir = str(tmp_path / "starting")
     with pytest.raises(FileNotFoundError, match="no finished checkpoint yet") as e:
-        runner.load_model(cfg)
+        run.load_model(cfg)
     assert "checkpoints_convert" not in str(e.value)
 
 

@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from m2sa_jax import quantization as quantization_lib
 from m2sa_jax.checkpoints.resolve import resolve
 from m2sa_jax.data import conversation, preprocess
 from m2sa_jax.data.images import _to_rgb_uint8, load_rgb
 from m2sa_jax.data.tokenizer import IMAGE_TOKEN_INDEX, LegacyLlamaTokenizer
 from m2sa_jax.data.types import IMAGE_TOKEN, SEG_TOKEN, BadRecord
-from m2sa_jax.evaluation.decode import Generator, bucket_length
+from m2sa_jax.inference.decode import Generator, bucket_length
 from m2sa_jax.models.m2sa import M2SA, M2SAConfig
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000   # masks are returned at full size: [N, H, W] per answer
@@ -104,14 +105,16 @@ class M2SAPredictor:
     """Generate-then-segment (and teacher-forced scoring) with a converted LISA/M²SA model.
 
     After each ``segment_batch`` call, ``last_generated`` holds the token ids of every answer
-    (eos dropped), e.g. to feed an answer back teacher-forced.
+    (eos dropped), e.g. to feed an answer back teacher-forced. ``quantization``: ``params``
+    were quantized with it (:mod:`m2sa_jax.quantization`).
     """
 
     def __init__(self, config: M2SAConfig, params, tokenizer: LegacyLlamaTokenizer, *,
                  max_new_tokens: int = 64, prompt_bucket: int = 64, image_batch: int = 4,
                  target_bucket: int = 8, mask_bucket: int = 64,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, quantization=None):
         self.config = config
+        self.quantization = quantization_lib.as_spec(quantization)
         self.params = params
         self.tokenizer = tokenizer
         self.source = "parameters given in memory"     # load() says where the model came from
@@ -121,15 +124,15 @@ class M2SAPredictor:
                              f"model's {self.seg_id}")
         self.image_batch, self.target_bucket, self.mask_bucket = image_batch, target_bucket, mask_bucket
         self.max_image_pixels = max_image_pixels
-        self.model = M2SA(config)
+        self.model = quantization_lib.quantize_model(M2SA(config), self.quantization)
         m = self.model
         self._encode = jax.jit(lambda p, s, c: m.apply({"params": p}, s, c,
-                                                       method=M2SA.encode_images))
+                                                       method="encode_images"))
         self._embed = jax.jit(lambda p, ids, am, rows: m.apply(
             {"params": p}, ids, am, rows, method=lambda mod, *a: mod.llava.embed_multimodal(*a)))
         self._masks = jax.jit(
             lambda p, *a, mask_hw: m.apply({"params": p}, *a, mask_hw=mask_hw,
-                                           method=M2SA.masks_from_hidden),
+                                           method="masks_from_hidden"),
             static_argnames=("mask_hw",))
         self._teacher = jax.jit(
             lambda p, b, n, hw: m.apply({"params": p}, b["sam_images"], b["clip_images"],
@@ -139,7 +142,8 @@ class M2SAPredictor:
             static_argnums=(2, 3))
         self.generator = Generator(config.llava.text, max_new_tokens=max_new_tokens,
                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                   bucket=prompt_bucket, return_hidden=True)
+                                   bucket=prompt_bucket, return_hidden=True,
+                                   quantization=self.quantization)
         self.max_new_tokens = max_new_tokens
 
     # --- prompts ------------------------------------------------------------------------
