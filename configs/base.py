@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = None
     c.train.keep_checkpoints = None
     c.train.max_nonfinite = None           # stop after this many non-finite steps in a row
-    c.train.max_minutes = None             # stop early (and say so) past this; 0: no cap
+    c.train.max_minutes = None             # guard: past this, save and fail loudly; 0: none
 
     # Device mesh (-1: the devices the other axes leave) and the logical-axis rules by name
     # (m2sa_jax/sharding.RULES).

@@ -236,6 +236,7 @@ def test_batches_compile_once_and_resume_and_hosts_match(fixture, tmp_path):
     _same_results(resumed, full)
     assert (rstats["images"], rstats["questions"], rstats["masks"]) == (
         stats["images"], stats["questions"], stats["masks"])
+    assert rstats["instance_separation"] == stats["instance_separation"]   # kept across the kill
     with pytest.raises(ValueError, match="another evaluation"):
         ResultsFile(results.path, key={"run": "other"}).load()
 

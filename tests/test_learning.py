@@ -27,12 +27,17 @@ def test_synthetic_run_learns(trained_ci_run):
     after = summary["trained"]["metrics"]["all"]["giou"]
     print(f"\nloss {mean('loss', head):.3f} -> {mean('loss', tail):.3f} (text {mean('ce', head):.4f}"
           f" -> {mean('ce', tail):.4f}, masks {mask_first:.3f} -> {mask_last:.3f}); "
-          f"val gIoU {before:.3f} -> {after:.3f}")
+          f"val gIoU {before:.3f} -> {after:.3f}, instance separation "
+          f"{summary['trained']['instance_separation']['all']['rate']:.3f}")
     assert mean("loss", tail) < 0.9 * mean("loss", head)
     assert mean("ce", tail) < 0.5 * mean("ce", head)       # the answers are learned
     assert mask_last < 0.9 * mask_first                   # and the masks
     assert after > 2 * before and after > before + 0.04
-    assert os.path.isfile(os.path.join(run, "metrics.json"))
+    with open(os.path.join(run, "metrics.json")) as f:
+        written = json.load(f)
+    separation = written["trained"]["instance_separation"]["all"]   # the val split names pairs
+    assert separation == summary["trained"]["instance_separation"]["all"]
+    assert separation["questions"] > 0 and separation["masks"] >= 2 * separation["questions"]
     assert os.listdir(os.path.join(run, "overlays"))
 
 

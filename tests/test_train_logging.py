@@ -109,3 +109,28 @@ def test_nonfinite_updates_are_skipped_and_the_run_stops(nan_run, capsys):
         assert len(oa) > 2
         for x, y in zip(oa, ob):
             assert np.array_equal(np.asarray(x), np.asarray(y)), s
+
+
+@pytest.mark.slow
+def test_max_minutes_is_a_guard_that_fails_loudly_never_a_shorter_run(tmp_path):
+    """Past train.max_minutes the run saves its state and raises, evaluating nothing; running
+    again (without the guard) continues from the saved step and trains every configured step."""
+    data = str(tmp_path / "data")
+    workdir = str(tmp_path / "run")
+    steps = 3
+    cfg = train_tiny.config(data, train__steps=steps, train__max_minutes=1e-6)
+    with pytest.raises(hooks.TimeLimitExceeded) as info:
+        loop.train(cfg, workdir, progress=False)
+    message = str(info.value)
+    print(f"\nmessage: {message}")
+    assert f"step 1 of {steps}:" in message and "train.max_minutes=1e-06" in message
+    assert "run the same command again to continue" in message
+    assert "--config.train.max_minutes=0" in message
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))     # nothing evaluated
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "1"))
+
+    summary = loop.train(train_tiny.config(data, train__steps=steps), workdir, progress=False)
+    assert summary["start_step"] == 1 and summary["steps"] == steps
+    assert summary["stopped"] is None
+    log = [json.loads(line)["step"] for line in open(os.path.join(workdir, hooks.TRAIN_LOG))]
+    assert log == list(range(1, steps + 1))

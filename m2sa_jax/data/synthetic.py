@@ -6,24 +6,27 @@ Each image (default 160×160 PNG) shows 2–3 objects of five kinds, each built 
     bottle: cap, neck, body      car: windows, body, wheels
 
 Objects may repeat (two cups) and overlap: later objects are drawn over earlier ones and every
-mask is the *visible* pixels. Distractor shapes (not of any kind; a quarter of them in an object
+mask is the *visible* pixels. Each object stands in a third of the picture of its own (left,
+middle, right; its box centred in the middle 60 % of that third, at any height), and a kind
+with several instances names each by its third: "the left lamp", "the lamp on the right" (an
+only instance is "the lamp"). Distractor shapes (not of any kind; a quarter of them in an object
 part's colour) sit in the background and sometimes in front. Each kind has its own hue family and
 its parts differ in shade, with a little random jitter and pixel noise on a greyish gradient
 background: colour tells kinds and most parts apart, which keeps the data learnable from scratch
 by a small model on a CPU in minutes. What it must learn beyond colour: which instance a question
-means (counted from the left), how many targets an answer has, occluded and split parts, and
-which shapes are distractors.
+means (where it stands), how many targets an answer has, occluded and split parts, and which
+shapes are distractors. Two targets of one answer with the same category name are always two
+instances of one kind (``m2sa_jax.evaluation.instances`` relies on it).
 
-Instances of a kind are numbered from left to right by the centre of their bounding box
-(``cup_1`` is the leftmost cup); the questions that name an instance say so.
 Questions mirror MMR's mix (each answer has one ``{seg}`` per target):
 
-* object level, implicit, often multi-target: "Which objects light up the room?" →
-  "lamp_1 {seg} and lamp_2 {seg}";
+* object level, implicit, often multi-target: "Which objects in the picture can light up the
+  room?" → "the left lamp {seg} and the right lamp {seg}";
 * part level, implicit, across instances: "Which parts of the cups are used to lift it?" →
-  "cup_1's handle {seg} and cup_2's handle {seg}";
-* part level, explicit: "Where is the cap of bottle_2, counting bottles from the left?";
-* mixed object + part: "Show chair_1, counting chairs from the left, and its part used to sit on."
+  "the left cup's handle {seg} and the middle cup's handle {seg}";
+* part level, explicit: "Where is the cap of the bottle on the right?";
+* mixed object + part: "Show the chair on the left and its part used to sit on." →
+  "the left chair {seg} and its seat {seg}".
 
 The JSON files follow the MMR record layout exactly (file_name, height, width, image_id,
 not_exhaustive_category_ids, neg_category_ids, coco_url, questions, annotations, answers,
@@ -51,7 +54,7 @@ from pycocotools import mask as mask_utils
 from m2sa_jax.data import templates
 from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
 
-VERSION = 2    # bumped when the same arguments start giving different images or questions
+VERSION = 3    # bumped when the same arguments start giving different images or questions
 
 # kind → (width range, height range, what the object is for, {part: what it is for}) in draw order.
 KINDS = {
@@ -73,6 +76,7 @@ PART_COLOURS = {    # one hue family per kind; its parts differ in lightness and
     ("bottle", "cap"): (30, 100, 40), ("bottle", "neck"): (120, 210, 120), ("bottle", "body"): (50, 160, 70),
     ("car", "windows"): (150, 200, 250), ("car", "body"): (40, 70, 200), ("car", "wheels"): (20, 20, 70),
 }
+POSITIONS = ("left", "middle", "right")     # the picture's thirds; one object in each at most
 OBJECT_IDS = {kind: i + 1 for i, kind in enumerate(KINDS)}
 PART_IDS = {key: 100 + i for i, key in enumerate(PART_COLOURS)}
 SORTED_IDS = {name: i for i, name in enumerate(sorted(list(KINDS) + [f"{k}:{p}" for k, p in PART_COLOURS]))}
@@ -176,12 +180,22 @@ class _Scene:
         self.paint(shape, _noisy_colour(rng, base, 40))
 
 
+def position(centre_x: float, size: int) -> str:
+    """The third of the picture (``POSITIONS``) a horizontal position falls in."""
+    return POSITIONS[min(int(centre_x * 3 // size), 2)]
+
+
 def _layout(rng, size, kinds):
+    """Boxes (kind, x0, y0, w, h): each object in a third of the picture of its own, its box
+    centred in the middle 60 % of that third (pushed inwards at the border: the widest kind,
+    90 px of 160, still has its centre in its third), at any height."""
     boxes = []
-    for kind in kinds:
+    for kind, column in zip(kinds, rng.permutation(len(POSITIONS))):
         (wl, wh), (hl, hh) = KINDS[kind][0], KINDS[kind][1]
         bw, bh = rng.uniform(wl, wh) * size / 160, rng.uniform(hl, hh) * size / 160
-        boxes.append((kind, rng.uniform(0, size - bw), rng.uniform(0, size - bh), bw, bh))
+        centre = (int(column) + rng.uniform(0.2, 0.8)) * size / 3
+        x0 = float(np.clip(centre - bw / 2, 0, size - bw))
+        boxes.append((kind, x0, rng.uniform(0, size - bh), bw, bh))
     return boxes
 
 
@@ -225,7 +239,23 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _questions(rng, names, anns, kinds_present):
+def _names(boxes, size) -> tuple[dict[str, list[int]], dict[int, str], dict[int, str]]:
+    """Objects by kind (left to right), and per object its name in answers ("the left lamp",
+    or "the lamp" when it is the only one) and in questions ("the lamp on the left")."""
+    centre_x = {obj: box[1] + box[3] / 2 for obj, box in enumerate(boxes)}
+    kinds_present: dict[str, list[int]] = {}
+    for obj in sorted(range(len(boxes)), key=lambda o: centre_x[o]):
+        kinds_present.setdefault(boxes[obj][0], []).append(obj)
+    names, where = {}, {}
+    for kind, objs in kinds_present.items():
+        for obj in objs:
+            pos = position(centre_x[obj], size)
+            names[obj], where[obj] = ((f"the {kind}",) * 2 if len(objs) == 1 else (
+                f"the {pos} {kind}", f"the {kind} {'in the' if pos == 'middle' else 'on the'} {pos}"))
+    return kinds_present, names, where
+
+
+def _questions(rng, names, where, anns, kinds_present):
     """Candidate (question, text_answer, [annotation keys], raw answer) tuples of one image."""
     out = []
     for kind, objs in kinds_present.items():
@@ -239,10 +269,9 @@ def _questions(rng, names, anns, kinds_present):
                         [(o, part) for o in objs]))
         o = objs[int(rng.integers(len(objs)))]
         part = list(parts)[int(rng.integers(len(parts)))]
-        out.append((f"Where is the {part} of {names[o]}, counting {kind}s from the left?", [(o, part)]))
+        out.append((f"Where is the {part} of {where[o]}?", [(o, part)]))
         part = list(parts)[int(rng.integers(len(parts)))]
-        out.append((f"Show {names[o]}, counting {kind}s from the left, and its part used to "
-                    f"{parts[part]}.", [(o, None), (o, part)]))
+        out.append((f"Show {where[o]} and its part used to {parts[part]}.", [(o, None), (o, part)]))
     kinds = list(kinds_present)
     if len(kinds) >= 2:
         a, b = rng.choice(len(kinds), 2, replace=False)
@@ -279,11 +308,7 @@ def make_record(rng: np.random.Generator, image_id: int, size: int, file_name: s
     else:
         raise RuntimeError(f"synthetic image {image_id}: no layout without heavy occlusion in 200 tries")
     scene, boxes, visible = drawn
-    centre_x = {obj: box[1] + box[3] / 2 for obj, box in enumerate(boxes)}
-    kinds_present: dict[str, list[int]] = {}
-    for obj in sorted(range(len(boxes)), key=lambda o: centre_x[o]):
-        kinds_present.setdefault(boxes[obj][0], []).append(obj)
-    names = {obj: f"{kind}_{i + 1}" for kind, objs in kinds_present.items() for i, obj in enumerate(objs)}
+    kinds_present, names, where = _names(boxes, size)
 
     anns, all_anns = {}, []
     for obj, (kind, *_box) in enumerate(boxes):
@@ -303,7 +328,7 @@ def make_record(rng: np.random.Generator, image_id: int, size: int, file_name: s
         all_anns.append(anns[(obj, None)])
         all_anns.extend(anns[(obj, part)] for part in KINDS[boxes[obj][0]][3])
 
-    candidates = _questions(rng, names, anns, kinds_present)
+    candidates = _questions(rng, names, where, anns, kinds_present)
     order = rng.permutation(len(candidates))[:6]
     chosen = [candidates[int(i)] for i in order]
     present = {OBJECT_IDS[k] for k in kinds_present}

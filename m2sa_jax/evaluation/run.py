@@ -171,7 +171,9 @@ def run(cfg, workdir: str, *, host_index: int | None = None, host_count: int | N
                                masks=stats["masks"]),
                    skipped=skipped, skipped_examples=examples,
                    samples_per_s=stats["questions"] / max(stats["seconds"], 1e-9),
-                   seconds=stats["seconds"], **({"generate": extra} if extra else {}))
+                   seconds=stats["seconds"], **({"generate": extra} if extra else {}),
+                   **({"instance_separation": stats["instance_separation"]}
+                      if "instance_separation" in stats else {}))
     print_summary(summary)
     path = os.path.join(workdir, f"metrics_{tag}{host_tag}.json")
     with open(path, "w") as f:

@@ -29,6 +29,7 @@ from m2sa_jax.data.pipeline import BatchShapes, Example, collate, iter_examples
 from m2sa_jax.data.preprocess import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from m2sa_jax.data.skips import SkipCounter
 from m2sa_jax.data.types import BadRecord, Sample
+from m2sa_jax.evaluation.instances import InstanceSeparation, pairwise_iou
 from m2sa_jax.evaluation.metrics import SegmentationMetrics
 from m2sa_jax.evaluation.report import print_table
 from m2sa_jax.evaluation.results import ResultsFile, restore_or_start, save_state
@@ -127,13 +128,17 @@ def evaluate(forward: Callable, variables, samples: Iterable[Sample], tokenizer,
              overlay_dir: str | None = None, overlays: int = 0, progress: bool = True,
              total: int | None = None, mesh=None, results: ResultsFile | None = None,
              save_every: int = 10, read_threads: int = 0):
-    """Runs teacher-forced evaluation; returns (metrics, skips, stats).
+    """Runs teacher-forced evaluation; returns (metrics, skips, stats), with
+    ``stats["instance_separation"]`` the :class:`~m2sa_jax.evaluation.instances.InstanceSeparation`
+    result of the records scored (this host's).
 
     With ``results``, the run continues from that file (records already scored or skipped are
     not read again) and saves into it every ``save_every`` batches and at the end. ``mesh``:
     shard each batch over it (``variables`` should be replicated on it, see :func:`replicate`).
     """
-    metrics, skips, stats, _ = restore_or_start(results, metrics, skips)
+    metrics, skips, stats, extra = restore_or_start(results, metrics, skips)
+    instances = (InstanceSeparation.from_state_dict(extra["instance_separation"])
+                 if "instance_separation" in extra else InstanceSeparation())
     done = metrics.done_records(split) | set(getattr(skips, "ids", ()))
     ignores: dict[str, list] = {}
 
@@ -172,6 +177,11 @@ def evaluate(forward: Callable, variables, samples: Iterable[Sample], tokenizer,
         ignore = _ignore_batch(group, n, (q * n, mh, mw), ignores)
         metrics.update_masks(split, out["mask_logits"], batch["gt_masks"].reshape(q * n, mh, mw),
                              record_ids, kinds, valid=valid, sizes=sizes, ignore=ignore)
+        if ignore is None:      # (ReasonSeg's ignore regions: one target per question anyway)
+            iou = pairwise_iou(out["mask_logits"].reshape(q, n, mh, mw), batch["gt_masks"],
+                               batch["original_hw"][batch["conv_image_index"]])
+            for c, (ex, k) in enumerate(owners):
+                instances.update(iou[c], ex.labels[k], ex.kinds[k])
         stats["images"] += len(group)
         stats["questions"] += len(owners)
         stats["masks"] += int(valid.sum())
@@ -182,11 +192,13 @@ def evaluate(forward: Callable, variables, samples: Iterable[Sample], tokenizer,
         bar.update(len(group))
         if stats["batches"] % max(save_every, 1) == 0:
             stats["seconds"] = seconds0 + time.perf_counter() - start
-            save_state(results, metrics, skips, stats)
+            save_state(results, metrics, skips, stats,
+                       {"instance_separation": instances.state_dict()})
     bar.close()
     stats["seconds"] = seconds0 + time.perf_counter() - start
     stats["samples_per_s"] = stats["questions"] / max(stats["seconds"], 1e-9)
-    save_state(results, metrics, skips, stats)
+    stats["instance_separation"] = instances.result()
+    save_state(results, metrics, skips, stats, {"instance_separation": instances.state_dict()})
     return metrics, skips, stats
 
 
@@ -265,11 +277,14 @@ def split_evaluator(cfg) -> Callable:
             clip_size=config.llava.vision.image_size, overlay_dir=overlay_dir,
             overlays=cfg.eval.overlays, progress=progress, total=len(samples))
         result = metrics.result()[cfg.eval.split]
-        print_table(result, title=f"{label} model, {cfg.eval.split} split (teacher-forced)")
+        instances = stats.pop("instance_separation")
+        print_table(result, title=f"{label} model, {cfg.eval.split} split (teacher-forced)",
+                    instances=instances)
         if skips.total:
             print(f"skipped records: {dict(skips.counts)}")
         if overlay_dir:
             print(f"overlays: {os.path.abspath(overlay_dir)}")
-        return dict(metrics=result, stats=stats, skipped=dict(skips.counts))
+        return dict(metrics=result, instance_separation=instances, stats=stats,
+                    skipped=dict(skips.counts))
 
     return evaluate_split

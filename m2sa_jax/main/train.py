@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg, run_dir, evaluator=split_evaluator(cfg))
         trained = summary.get("trained", {}).get("metrics", {}).get("all")
         if trained:
-            print(f"done: {summary['steps']} steps; val gIoU {trained['giou']:.3f} cIoU "
-                  f"{trained['ciou']:.3f}; metrics in "
-                  f"{os.path.join(os.path.abspath(run_dir), 'metrics.json')}")
+            separation = summary["trained"].get("instance_separation", {}).get("all")
+            print(f"done: {summary['steps']} steps in {summary['total_seconds'] / 60:.1f} min; "
+                  f"val gIoU {trained['giou']:.3f} cIoU {trained['ciou']:.3f}"
+                  + (f", instance separation {separation['rate']:.3f}" if separation else "")
+                  + f"; metrics in {os.path.join(os.path.abspath(run_dir), 'metrics.json')}")
         return 0
 
     if DEFAULT_CONFIG is None:

@@ -26,6 +26,12 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class TimeLimitExceeded(RuntimeError):
+    """The run passed ``train.max_minutes`` before its last step. The limit is a guard against
+    a run far slower than planned, never a way to end training early: a run trains its
+    configured steps or fails with this error (its state saved, so running again continues)."""
+
+
 class MetricsWriter:
     """Every step to ``workdir/train_log.jsonl`` (with the learning rate that update used);
     every ``log_every`` steps to TensorBoard and the progress bar (loss terms, lr, samples/s)."""
@@ -93,13 +99,15 @@ class Checkpointer:
 
 class StopRules:
     """When a run stops before its configured steps: a signal (SIGTERM / SIGINT: save and
-    exit), ``stop_after`` steps of this process (tests emulate a killed run with it), too many
-    non-finite steps in a row (raises :class:`NonFiniteLoss`), or ``max_minutes`` of wall time."""
+    exit), ``stop_after`` steps of this process (tests emulate a killed run with it), or too
+    many non-finite steps in a row (raises :class:`NonFiniteLoss`). ``max_minutes`` of wall
+    time is a guard, not a stop: past it the state is saved and :class:`TimeLimitExceeded`
+    raised, so a run either does its configured steps or fails loudly."""
 
     def __init__(self, cfg, start_step: int, t_start: float, stop_after: int | None,
-                 ckpts: RunCheckpoints, skips):
+                 ckpts: RunCheckpoints, skips, stream):
         self.cfg, self.start_step, self.t_start = cfg, start_step, t_start
-        self.stop_after, self.ckpts, self.skips = stop_after, ckpts, skips
+        self.stop_after, self.ckpts, self.skips, self.stream = stop_after, ckpts, skips, stream
         self.flag = StopFlag()
 
     def on_step(self, step, state) -> str | None:
@@ -115,9 +123,16 @@ class StopRules:
                               and step - self.start_step >= self.stop_after):
             return self.flag.signal or "stop_after"
         minutes = (time.perf_counter() - self.t_start) / 60
-        if self.cfg.train.get("max_minutes") and minutes > self.cfg.train.max_minutes:
-            print(f"\nstopping at step {step}: the run reached train.max_minutes")
-            return f"max_minutes={self.cfg.train.max_minutes}"
+        limit, total = self.cfg.train.get("max_minutes"), self.cfg.train.steps
+        if limit and minutes > limit and step < total:
+            self.ckpts.save(step, state, self.stream.get_state(), force=True)
+            self.ckpts.close()               # the save lands before the run fails
+            raise TimeLimitExceeded(
+                f"step {step} of {total}: this run has taken {minutes:.1f} min, past "
+                f"train.max_minutes={limit:g} (a guard against a run far slower than planned; "
+                f"nothing was evaluated). Its state at step {step} is saved in "
+                f"{self.ckpts.directory}: run the same command again to continue from there, "
+                f"with --config.train.max_minutes=0 to train without the guard.")
         return None
 
     def close(self) -> None:

@@ -181,8 +181,10 @@ def _next_batch(stream, grad_accum):
 
 def train(cfg, workdir: str, *, evaluator: Callable | None = None, progress: bool = True,
           stop_after: int | None = None) -> dict:
-    """Trains (resuming if possible); with ``evaluator``, scores the model before (a fresh run,
-    if ``eval.before_training``) and after. Returns a summary dict.
+    """Trains (resuming if possible) for ``train.steps`` steps; with ``evaluator``, scores the
+    model before (a fresh run, if ``eval.before_training``) and after. Returns a summary dict.
+    Past ``train.max_minutes`` (when set) the run saves its state and raises
+    :class:`~m2sa_jax.training.hooks.TimeLimitExceeded`: it never ends early with fewer steps.
 
     ``evaluator(label, model, params, built, overlay_dir, progress) -> dict`` is the end-of-run
     evaluation hook (train.py passes :func:`m2sa_jax.evaluation.teacher_forced.split_evaluator`).
@@ -233,7 +235,7 @@ def train(cfg, workdir: str, *, evaluator: Callable | None = None, progress: boo
     writer = hooks.MetricsWriter(workdir, cfg.train.steps, start_step, cfg.train.log_every,
                                  schedule, progress)
     saver = hooks.Checkpointer(ckpts, cfg.train.checkpoint_every, start_step, stream)
-    rules = hooks.StopRules(cfg, start_step, t_start, stop_after, ckpts, skips)
+    rules = hooks.StopRules(cfg, start_step, t_start, stop_after, ckpts, skips, stream)
     step, stopped = start_step, None
     try:
         while step < cfg.train.steps and stopped is None:
