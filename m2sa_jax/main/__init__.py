@@ -16,3 +16,12 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 DEFAULT_CONFIG = (os.path.join(_REPO, "configs", "synthetic.py")
                   if os.path.isfile(os.path.join(_REPO, "configs", "synthetic.py")) else None)
 
+
+
+def quiet_libraries() -> None:
+    """Warnings and errors only from absl logging (the checkpoint library logs every save and
+    restore at INFO), unless the user passed --verbosity."""
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)

@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from m2sa_jax.config_file import flags_parser
-from m2sa_jax.main import DEFAULT_CONFIG
+from m2sa_jax.main import DEFAULT_CONFIG, quiet_libraries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(argv):
         del argv
+        quiet_libraries()
         if multihost.value:
             jax.distributed.initialize()
         # Imported once the cluster is up: jax.distributed.initialize must come before

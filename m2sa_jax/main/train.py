@@ -16,11 +16,11 @@ import os
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from m2sa_jax.config_file import flags_parser
-from m2sa_jax.main import DEFAULT_CONFIG
+from m2sa_jax.main import DEFAULT_CONFIG, quiet_libraries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(argv):
         del argv
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)   # checkpoint libraries log every save at INFO
+        quiet_libraries()
         if multihost.value:
             jax.distributed.initialize(coordinator_address=coordinator.value,
                                        num_processes=num_processes.value,
