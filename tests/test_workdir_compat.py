@@ -27,6 +27,7 @@ OVERRIDES = [
     "--config.model.llm.num_hidden_layers=1", "--config.model.llm.num_attention_heads=2",
     "--config.model.llm.num_key_value_heads=2", "--config.model.clip.hidden_size=32",
     "--config.model.clip.intermediate_size=64", "--config.model.clip.num_hidden_layers=1",
+    "--config.model.clip.patch_size=16", "--config.train.ce_weight=0.005",   # the run's values
     "--config.model.sam.encoder_embed_dim=32", "--config.model.sam.encoder_depth=2",
     "--config.model.sam.encoder_num_heads=2", "--config.model.sam.global_attn_indexes=(1,)",
     "--config.model.sam.prompt_embed_dim=32", "--config.model.sam.decoder_mlp_dim=64",
