@@ -106,7 +106,9 @@ def torch_batch(batch):
         h, w = batch["original_hw"][i]
         rows = [m[:h, :w] for c in conv[image_of == k]
                 for m, v in zip(batch["gt_masks"][c], batch["target_valid"][c]) if v]
-        gts.append(torch.from_numpy(np.stack(rows).astype(np.float32)))
+        gt = np.stack(rows)       # the training stream's uint8 coverage (255 = inside), or bool
+        gt = gt.astype(np.float32) / 255.0 if gt.dtype == np.uint8 else gt.astype(np.float32)
+        gts.append(torch.from_numpy(gt))
     args = (torch.from_numpy(batch["sam_images"][img]).permute(0, 3, 1, 2).contiguous(),
             torch.from_numpy(batch["clip_images"][img]).permute(0, 3, 1, 2).contiguous(),
             torch.from_numpy(batch["input_ids"][conv].astype(np.int64)),
