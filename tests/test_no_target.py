@@ -138,3 +138,47 @@ def test_no_target_draws_are_counted_by_source_when_refused(files):
         except BadRecord as e:
             skips.add_error(e, e.record)
     assert skips.per_source() == {"mmr": {"no_target": 2, "seg_count": 2}}
+
+
+@pytest.mark.slow
+def test_training_and_teacher_forced_eval_on_no_target_questions(files, tmp_path):
+    """The training loop continues a tiny converted M²SA on an MMR split whose questions include
+    no-target ones (``data.allow_no_target``): every step is finite and only the two bad
+    ``{seg}`` counts are skipped. The teacher-forced evaluation of the same split then scores
+    the one targeted mask and counts the no-target questions without a mask."""
+    from checkpoints_convert.__main__ import main as convert_main
+    from m2sa_jax.checkpoints.resolve import resolve
+    from m2sa_jax.evaluation import teacher_forced
+    from m2sa_jax.training import loop
+    from tests.support.m2sa_helpers import write_tiny_m2sa_folder
+
+    path, root = files
+    write_tiny_m2sa_folder(str(tmp_path / "hf"), "m2sa", sam_depth=2, global_attn=(1,),
+                           img_size=128)
+    assert convert_main(["m2sa", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "m")]) == 0
+    cfg = train_tiny.config(str(tmp_path / "unused"))
+    cfg.model.init, cfg.model.checkpoint = "checkpoint", str(tmp_path / "m")
+    cfg.data.kind, cfg.data.mmr_root, cfg.data.image_root = "mmr", root, root
+    cfg.data.allow_no_target = True
+    cfg.data.token_buckets, cfg.data.mask_hw, cfg.data.max_questions = (256,), (H, W), 2
+    cfg.train.steps, cfg.train.warmup_steps, cfg.train.checkpoint_every = 3, 1, 3
+    summary = loop.train(cfg, str(tmp_path / "run"), progress=False)
+    assert summary["steps"] == 3
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["finite"] for r in rows)
+    assert all(np.isfinite(r["loss"]) and r["ce"] > 0 for r in rows)
+    assert "no_target" not in summary["skipped"], summary["skipped"]
+
+    trained = resolve(str(tmp_path / "run"))               # the run's model, step 3
+    dataset = mmr.MMRDataset(path, root, prompt="val", allow_no_target=True)
+    samples = [dataset.sample(i, all_questions=True) for i in range(len(dataset))]
+    shapes = pipeline.BatchShapes(images=2, conversations=4, token_buckets=(256,),
+                                  max_targets=2, mask_hw=(H, W))
+    metrics, skips, stats = teacher_forced.evaluate(
+        teacher_forced.make_forward(M2SA(trained.config)), {"params": trained.params}, samples,
+        trained.tokenizer, shapes, split="val", sam_size=trained.config.sam.img_size,
+        clip_size=trained.config.llava.vision.image_size, progress=False)
+    assert skips.total == 0
+    assert stats["questions"] == 3 and stats["masks"] == 1
+    result = metrics.result()["val"]["all"]
+    assert result["masks"] == 1 and 0.0 <= result["giou"] <= 1.0
