@@ -573,3 +573,62 @@ def test_server_stops_by_pid(server):
 
     with pytest.raises(httpx.TransportError):
         httpx.get(server["url"] + "/api/health", timeout=2)
+
+
+@pytest.mark.slow
+def test_page_on_the_demo_model_in_headless_chromium(trained_ci_run, tmp_path):
+    """The page serving the learning demo's own model (the CI variant's trained workdir, as
+    ``bash scripts/serve.sh`` serves the README demo's): a val-split image and question go in
+    through the browser, the model's answer and at least one mask's overlay come out."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: scripts/setup.sh installs it (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+    import httpx
+
+    val = json.load(open(os.path.join(trained_ci_run["data_root"], "MMR_val.json")))
+    record = next(r for r in val if r["questions"])
+    image = os.path.join(trained_ci_run["data_root"], "images", record["file_name"])
+    port, log = _free_port(), tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "m2sa_jax.serve", "--checkpoint", trained_ci_run["workdir"],
+           "--port", str(port), "--max-batch", "1", "--row-buckets", "1",
+           "--max-prompt-tokens", "192", "--log-level", "warning"]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in 600 s:\n" + log.read_text()
+            time.sleep(0.5)
+        model = httpx.get(url + "/api/model", timeout=10).json()
+        assert (model["kind"], model["variant"]) == ("M²SA", "m2sa"), model
+        with sync_playwright() as p:
+            browser = _launch_chromium(p, tmp_path / "profile")
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("#submit", timeout=60_000)
+            assert page.get_by_text("A toy model.").count() == 1      # says what it is
+            page.set_input_files("#image-in input[type=file]", image)
+            page.fill("#question textarea", record["questions"][0])
+            page.wait_for_timeout(500)
+            page.click("#submit")
+            page.wait_for_selector("#overlay img", timeout=120_000)
+            page.wait_for_selector(".m2sa-legend li", timeout=60_000)
+            answer = page.inner_text(".m2sa-answer")
+            legend = page.locator(".m2sa-legend li").all_inner_texts()
+            page.screenshot(path=str(tmp_path / "demo_page.png"), full_page=True)
+            browser.close()
+        print(f"\nQ: {record['questions'][0]}\nA: {answer}\nmasks: {legend}")
+        assert answer.strip() and len(legend) >= 1
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
