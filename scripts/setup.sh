@@ -31,7 +31,7 @@ if [ ! -f "$vocab" ] || [ ! -f "$vocab.inp" ] || [ ! -f "$vocab.out" ]; then
   rm -f "$sdist"
 fi
 
-# The web page's browser test (tests/test_serve_browser.py) drives Debian's Chromium through
+# The web page's browser tests (tests/test_serve.py) drive Debian's Chromium through
 # Playwright with the system executable; Playwright's own browser downloads are not used.
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

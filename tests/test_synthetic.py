@@ -68,9 +68,10 @@ def test_layout_and_round_trip_through_the_reader(tmp_path):
 
 def test_instances_are_named_by_their_third_of_the_picture(tmp_path):
     """A kind with several instances in an image names each by the third of the picture it
-    stands in ("the left lamp's shade", "the lamp on the right"); targets of one answer sharing
-    a category name are different objects (what the instance-separation metric relies on),
-    named by different thirds in left-to-right order."""
+    stands in, the position word last, right before the instance's [SEG] ("the shade of the
+    lamp on the left", "the lamp on the right"); targets of one answer sharing a category name
+    are different objects (what the instance-separation metric relies on), named by different
+    thirds in left-to-right order."""
     paths = synthetic.generate(str(tmp_path), 30, 0, seed=1)
     ds = mmr.MMRDataset(paths["train"], str(tmp_path / "images"), prompt="raw")
     groups = explicit = 0
@@ -85,8 +86,10 @@ def test_instances_are_named_by_their_third_of_the_picture(tmp_path):
                 groups += 1
                 masks = [refs[j].decode() for j in same]
                 assert np.sum(masks, axis=0).max() == 1       # different objects: disjoint
-                named = [[w for w in synthetic.POSITIONS if f" {w} {label.split(':')[0]}" in
-                          phrases[j]] for j in same]
+                kind = label.split(':')[0]
+                named = [[w for w in synthetic.POSITIONS
+                          if phrases[j].rstrip().endswith(f"{kind} {'in' if w == 'middle' else 'on'} the {w}")]
+                         for j in same]
                 assert all(len(n) == 1 for n in named), (answer, label)
                 centres = [np.nonzero(m)[1].mean() for m in masks]
                 by_x = [named[k][0] for k in np.argsort(centres)]
@@ -96,7 +99,7 @@ def test_instances_are_named_by_their_third_of_the_picture(tmp_path):
                 for kind in synthetic.KINDS:
                     if f"the {kind} {'in' if w == 'middle' else 'on'} the {w}" in question:
                         explicit += 1
-                        assert f"the {w} {kind}" in answer
+                        assert f"the {kind} {'in' if w == 'middle' else 'on'} the {w} [SEG]" in answer
     assert groups > 10 and explicit > 5
 
 

@@ -8,8 +8,12 @@ Each image (default 160×160 PNG) shows 2–3 objects of five kinds, each built 
 Objects may repeat (two cups) and overlap: later objects are drawn over earlier ones and every
 mask is the *visible* pixels. Each object stands in a third of the picture of its own (left,
 middle, right; its box centred in the middle 60 % of that third, at any height), and a kind
-with several instances names each by its third: "the left lamp", "the lamp on the right" (an
-only instance is "the lamp"). Distractor shapes (not of any kind; a quarter of them in an object
+with several instances names each by its third, the position word last: "the lamp on the left",
+"the shade of the lamp on the right" (an only instance is "the lamp", its part "the lamp's
+shade"). The position word last puts it right before the instance's ``[SEG]``, where a small
+language model trained for minutes reliably carries it into the [SEG] embedding; with "the left
+lamp's shade" (data v3) the states before two instances' [SEG]s were the same vector and the
+masks could not tell the instances apart (docs/training.md). Distractor shapes (not of any kind; a quarter of them in an object
 part's colour) sit in the background and sometimes in front. Each kind has its own hue family and
 its parts differ in shade, with a little random jitter and pixel noise on a greyish gradient
 background: colour tells kinds and most parts apart, which keeps the data learnable from scratch
@@ -21,12 +25,13 @@ instances of one kind (``m2sa_jax.evaluation.instances`` relies on it).
 Questions mirror MMR's mix (each answer has one ``{seg}`` per target):
 
 * object level, implicit, often multi-target: "Which objects in the picture can light up the
-  room?" → "the left lamp {seg} and the right lamp {seg}";
+  room?" → "the lamp on the left {seg} and the lamp on the right {seg}";
 * part level, implicit, across instances: "Which parts of the cups are used to lift it?" →
-  "the left cup's handle {seg} and the middle cup's handle {seg}";
-* part level, explicit: "Where is the cap of the bottle on the right?";
+  "the handle of the cup on the left {seg} and the handle of the cup in the middle {seg}";
+* part level, explicit: "Where is the cap of the bottle on the right?" → "the cap of the
+  bottle on the right {seg}";
 * mixed object + part: "Show the chair on the left and its part used to sit on." →
-  "the left chair {seg} and its seat {seg}".
+  "the chair on the left {seg} and its seat {seg}".
 
 The JSON files follow the MMR record layout exactly (file_name, height, width, image_id,
 not_exhaustive_category_ids, neg_category_ids, coco_url, questions, annotations, answers,
@@ -54,7 +59,7 @@ from pycocotools import mask as mask_utils
 from m2sa_jax.data import templates
 from m2sa_jax.data.tokenizer_build import build_tokenizer_folder
 
-VERSION = 3    # bumped when the same arguments start giving different images or questions
+VERSION = 4    # bumped when the same arguments start giving different images or questions
 
 # kind → (width range, height range, what the object is for, {part: what it is for}) in draw order.
 KINDS = {
@@ -76,6 +81,7 @@ PART_COLOURS = {    # one hue family per kind; its parts differ in lightness and
     ("bottle", "cap"): (30, 100, 40), ("bottle", "neck"): (120, 210, 120), ("bottle", "body"): (50, 160, 70),
     ("car", "windows"): (150, 200, 250), ("car", "body"): (40, 70, 200), ("car", "wheels"): (20, 20, 70),
 }
+PLURAL_PARTS = {"legs", "wheels", "windows"}
 POSITIONS = ("left", "middle", "right")     # the picture's thirds; one object in each at most
 OBJECT_IDS = {kind: i + 1 for i, kind in enumerate(KINDS)}
 PART_IDS = {key: 100 + i for i, key in enumerate(PART_COLOURS)}
@@ -239,23 +245,29 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _names(boxes, size) -> tuple[dict[str, list[int]], dict[int, str], dict[int, str]]:
-    """Objects by kind (left to right), and per object its name in answers ("the left lamp",
-    or "the lamp" when it is the only one) and in questions ("the lamp on the left")."""
+def _names(boxes, size) -> tuple[dict[str, list[int]], dict[int, str]]:
+    """Objects by kind (left to right), and per object its name in questions and answers: "the
+    lamp on the left" (position last), or "the lamp" when it is the only one."""
     centre_x = {obj: box[1] + box[3] / 2 for obj, box in enumerate(boxes)}
     kinds_present: dict[str, list[int]] = {}
     for obj in sorted(range(len(boxes)), key=lambda o: centre_x[o]):
         kinds_present.setdefault(boxes[obj][0], []).append(obj)
-    names, where = {}, {}
+    names = {}
     for kind, objs in kinds_present.items():
         for obj in objs:
             pos = position(centre_x[obj], size)
-            names[obj], where[obj] = ((f"the {kind}",) * 2 if len(objs) == 1 else (
-                f"the {pos} {kind}", f"the {kind} {'in the' if pos == 'middle' else 'on the'} {pos}"))
-    return kinds_present, names, where
+            names[obj] = (f"the {kind}" if len(objs) == 1 else
+                          f"the {kind} {'in the' if pos == 'middle' else 'on the'} {pos}")
+    return kinds_present, names
 
 
-def _questions(rng, names, where, anns, kinds_present):
+def _part_phrase(part: str, name: str, several: bool) -> str:
+    """A part of a named object, its position word last when the kind has several instances
+    ("the shade of the lamp on the left"), else possessive ("the lamp's shade")."""
+    return f"the {part} of {name}" if several else f"{name}'s {part}"
+
+
+def _questions(rng, names, anns, kinds_present):
     """Candidate (question, text_answer, [annotation keys], raw answer) tuples of one image."""
     out = []
     for kind, objs in kinds_present.items():
@@ -269,9 +281,10 @@ def _questions(rng, names, where, anns, kinds_present):
                         [(o, part) for o in objs]))
         o = objs[int(rng.integers(len(objs)))]
         part = list(parts)[int(rng.integers(len(parts)))]
-        out.append((f"Where is the {part} of {where[o]}?", [(o, part)]))
+        out.append((f"Where {'are' if part in PLURAL_PARTS else 'is'} the {part} of {names[o]}?",
+                    [(o, part)]))
         part = list(parts)[int(rng.integers(len(parts)))]
-        out.append((f"Show {where[o]} and its part used to {parts[part]}.", [(o, None), (o, part)]))
+        out.append((f"Show {names[o]} and its part used to {parts[part]}.", [(o, None), (o, part)]))
     kinds = list(kinds_present)
     if len(kinds) >= 2:
         a, b = rng.choice(len(kinds), 2, replace=False)
@@ -279,6 +292,7 @@ def _questions(rng, names, where, anns, kinds_present):
         targets = [(o, None) for o in kinds_present[ka] + kinds_present[kb]]
         if len(targets) <= 4:
             out.append((f"Which objects can {KINDS[ka][2]} or {KINDS[kb][2]}?", targets))
+    kind_of = {o: kind for kind, objs in kinds_present.items() for o in objs}
     result = []
     for question, targets in out:
         words = []
@@ -288,7 +302,7 @@ def _questions(rng, names, where, anns, kinds_present):
             elif (o, None) in targets:
                 words.append(f"its {part}")
             else:
-                words.append(f"{names[o]}'s {part}")
+                words.append(_part_phrase(part, names[o], len(kinds_present[kind_of[o]]) > 1))
         text = _join([f"{w} {{seg}}" for w in words])
         raw = _join(words)
         result.append((question, text, [anns[t] for t in targets], raw))
@@ -308,7 +322,7 @@ def make_record(rng: np.random.Generator, image_id: int, size: int, file_name: s
     else:
         raise RuntimeError(f"synthetic image {image_id}: no layout without heavy occlusion in 200 tries")
     scene, boxes, visible = drawn
-    kinds_present, names, where = _names(boxes, size)
+    kinds_present, names = _names(boxes, size)
 
     anns, all_anns = {}, []
     for obj, (kind, *_box) in enumerate(boxes):
@@ -328,7 +342,7 @@ def make_record(rng: np.random.Generator, image_id: int, size: int, file_name: s
         all_anns.append(anns[(obj, None)])
         all_anns.extend(anns[(obj, part)] for part in KINDS[boxes[obj][0]][3])
 
-    candidates = _questions(rng, names, where, anns, kinds_present)
+    candidates = _questions(rng, names, anns, kinds_present)
     order = rng.permutation(len(candidates))[:6]
     chosen = [candidates[int(i)] for i in order]
     present = {OBJECT_IDS[k] for k in kinds_present}
