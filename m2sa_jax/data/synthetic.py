@@ -7,20 +7,16 @@ Each image (default 160×160 PNG) shows 2–3 objects of five kinds, each built 
 
 Objects may repeat (two cups) and overlap: later objects are drawn over earlier ones and every
 mask is the *visible* pixels. Each object stands in a third of the picture of its own (left,
-middle, right; its box centred in the middle 60 % of that third, at any height), and a kind
-with several instances names each by its third, the position word last: "the lamp on the left",
-"the shade of the lamp on the right" (an only instance is "the lamp", its part "the lamp's
-shade"). The position word last puts it right before the instance's ``[SEG]``, where a small
-language model trained for minutes reliably carries it into the [SEG] embedding; with "the left
-lamp's shade" (data v3) the states before two instances' [SEG]s were the same vector and the
-masks could not tell the instances apart (docs/training.md). Distractor shapes (not of any kind; a quarter of them in an object
-part's colour) sit in the background and sometimes in front. Each kind has its own hue family and
-its parts differ in shade, with a little random jitter and pixel noise on a greyish gradient
-background: colour tells kinds and most parts apart, which keeps the data learnable from scratch
-by a small model on a CPU in minutes. What it must learn beyond colour: which instance a question
-means (where it stands), how many targets an answer has, occluded and split parts, and which
-shapes are distractors. Two targets of one answer with the same category name are always two
-instances of one kind (``m2sa_jax.evaluation.instances`` relies on it).
+middle, right; its box centred in the middle 60 % of that third, at any height); a kind with
+several instances names each by its third, the position word last, right before its ``[SEG]``
+("the shade of the lamp on the right": why, docs/training.md "instance separation"); an only
+instance is "the lamp", "the lamp's shade". Distractor shapes (not of any kind; a quarter in a
+part's colour) sit in the background and sometimes in front. Each kind has its own hue family,
+its parts differ in shade, with jitter and pixel noise on a greyish gradient: colour tells kinds
+and most parts apart, which keeps the data learnable from scratch in minutes on a CPU. Beyond
+colour it must learn which instance a question means, how many targets an answer has,
+occluded and split parts, and which shapes are distractors. Two targets of one answer with the
+same category name are always two instances of one kind (``evaluation.instances`` relies on it).
 
 Questions mirror MMR's mix (each answer has one ``{seg}`` per target):
 
@@ -28,8 +24,7 @@ Questions mirror MMR's mix (each answer has one ``{seg}`` per target):
   room?" → "the lamp on the left {seg} and the lamp on the right {seg}";
 * part level, implicit, across instances: "Which parts of the cups are used to lift it?" →
   "the handle of the cup on the left {seg} and the handle of the cup in the middle {seg}";
-* part level, explicit: "Where is the cap of the bottle on the right?" → "the cap of the
-  bottle on the right {seg}";
+* part level, explicit: "Where is the cap of the bottle on the right?";
 * mixed object + part: "Show the chair on the left and its part used to sit on." →
   "the chair on the left {seg} and its seat {seg}".
 
@@ -37,8 +32,8 @@ The JSON files follow the MMR record layout exactly (file_name, height, width, i
 not_exhaustive_category_ids, neg_category_ids, coco_url, questions, annotations, answers,
 text_answers, raw_answers; annotations with bbox, segmentation {size, counts (RLE string)},
 image_id, category_name ("cup" or "cup:handle", PACO style), category_id, sorted_category_id).
-A part made of separate pieces (car wheels, chair legs) is stored as a list of RLEs, one per
-piece, which decodes with a third axis, as some MMR annotations do.
+A part in separate pieces (car wheels, chair legs) is a list of RLEs, one per piece, which
+decodes with a third axis, as some MMR annotations do.
 
 ``python -m m2sa_jax.data.synthetic --out DIR --train N --val M --seed S`` writes
 ``DIR/MMR_train.json``, ``DIR/MMR_val.json`` and ``DIR/images/{train,val}/*.png``; the same
@@ -246,8 +241,7 @@ def _join(items: list[str]) -> str:
 
 
 def _names(boxes, size) -> tuple[dict[str, list[int]], dict[int, str]]:
-    """Objects by kind (left to right), and per object its name in questions and answers: "the
-    lamp on the left" (position last), or "the lamp" when it is the only one."""
+    """Objects by kind, left to right, and each one's name ("the lamp on the left"; "the lamp")."""
     centre_x = {obj: box[1] + box[3] / 2 for obj, box in enumerate(boxes)}
     kinds_present: dict[str, list[int]] = {}
     for obj in sorted(range(len(boxes)), key=lambda o: centre_x[o]):
@@ -261,12 +255,6 @@ def _names(boxes, size) -> tuple[dict[str, list[int]], dict[int, str]]:
     return kinds_present, names
 
 
-def _part_phrase(part: str, name: str, several: bool) -> str:
-    """A part of a named object, its position word last when the kind has several instances
-    ("the shade of the lamp on the left"), else possessive ("the lamp's shade")."""
-    return f"the {part} of {name}" if several else f"{name}'s {part}"
-
-
 def _questions(rng, names, anns, kinds_present):
     """Candidate (question, text_answer, [annotation keys], raw answer) tuples of one image."""
     out = []
@@ -277,12 +265,11 @@ def _questions(rng, names, anns, kinds_present):
                     [(o, None) for o in objs]))
         for part, fn in parts.items():
             out.append((f"Which part{'s' if plural else ''} of the {kind}{'s are' if plural else ' is'} "
-                        f"used to {fn}?",
-                        [(o, part) for o in objs]))
+                        f"used to {fn}?", [(o, part) for o in objs]))
         o = objs[int(rng.integers(len(objs)))]
         part = list(parts)[int(rng.integers(len(parts)))]
-        out.append((f"Where {'are' if part in PLURAL_PARTS else 'is'} the {part} of {names[o]}?",
-                    [(o, part)]))
+        verb = "are" if part in PLURAL_PARTS else "is"
+        out.append((f"Where {verb} the {part} of {names[o]}?", [(o, part)]))
         part = list(parts)[int(rng.integers(len(parts)))]
         out.append((f"Show {names[o]} and its part used to {parts[part]}.", [(o, None), (o, part)]))
     kinds = list(kinds_present)
@@ -292,7 +279,6 @@ def _questions(rng, names, anns, kinds_present):
         targets = [(o, None) for o in kinds_present[ka] + kinds_present[kb]]
         if len(targets) <= 4:
             out.append((f"Which objects can {KINDS[ka][2]} or {KINDS[kb][2]}?", targets))
-    kind_of = {o: kind for kind, objs in kinds_present.items() for o in objs}
     result = []
     for question, targets in out:
         words = []
@@ -301,8 +287,9 @@ def _questions(rng, names, anns, kinds_present):
                 words.append(f"{names[o]}")
             elif (o, None) in targets:
                 words.append(f"its {part}")
-            else:
-                words.append(_part_phrase(part, names[o], len(kinds_present[kind_of[o]]) > 1))
+            else:    # the position word last: "the shade of the lamp on the left"
+                words.append(f"the {part} of {names[o]}" if names[o].endswith(POSITIONS)
+                             else f"{names[o]}'s {part}")
         text = _join([f"{w} {{seg}}" for w in words])
         raw = _join(words)
         result.append((question, text, [anns[t] for t in targets], raw))
