@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m2sa_jax.models.activations import gelu_exact
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
@@ -63,7 +65,7 @@ def quick_gelu(x):
 
 _ACTIVATIONS = {
     "quick_gelu": quick_gelu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_exact,
 }
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2sa_jax.models import clip, llama
+from m2sa_jax.models.activations import gelu_exact
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA v1 / LISA placeholder id in input_ids
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
@@ -58,7 +59,7 @@ class Projector(nn.Module):
                                       param_dtype=cfg.text.param_dtype, name=name)
         x = dense("linear_1")(x.astype(cfg.text.dtype))
         if cfg.projector_type == "mlp2x_gelu":
-            x = dense("linear_2")(jax.nn.gelu(x, approximate=False))  # exact erf GELU
+            x = dense("linear_2")(gelu_exact(x))
         return x  # [B, N, d]
 
 

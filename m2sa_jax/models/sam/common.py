@@ -9,13 +9,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m2sa_jax.models.activations import gelu_exact
+
 Dtype = Any
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def gelu(x):
     """Exact (erf) GELU, as torch.nn.GELU(); Flax's nn.gelu defaults to the tanh form."""
-    return nn.gelu(x, approximate=False)
+    return gelu_exact(x)
 
 
 class LayerNorm(nn.Module):
