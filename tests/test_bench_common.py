@@ -53,3 +53,24 @@ def test_environment_names_versions_threads_and_flags(monkeypatch):
     assert "jax" in env["versions"] and "torch" in env["versions"]
     assert "intra-op threads" in env["torch"] and "cpu" in env["jax"]
     assert list(itertools.islice(env, 1)) == ["python"]
+
+
+def test_op_profile_maps_trace_events_to_modules_forward_and_backward():
+    """bench.op_profile: each executed operation is found in the compiled module's text and
+    summed under its model module, forward or backward, per iteration."""
+    from bench import op_profile
+
+    hlo = """
+  %ynn_fusion.7 = f32[18,4096,16]{2,1,0} fusion(%a, %b), kind=kCustom, metadata={op_name="jit(<lambda>)/jvp(M2SA.forward_batch)/M2SA/M2SA.segment/sam.decode/mask_decoder/mul" stack_frame_id=1}
+  %copy.3 = f32[6,143]{1,0} copy(%c), metadata={op_name="jit(<lambda>)/transpose(jvp(M2SA.forward_batch))/M2SA/M2SA.language/language_model/layers_0/mlp" stack_frame_id=2}
+"""
+    table = op_profile.instruction_table(hlo)
+    assert table["ynn_fusion.7"][0] == "f32[18,4096,16]{2,1,0}"
+    events = [{"ph": "X", "name": "ynn_fusion.7", "dur": 3000}, {"ph": "X", "name": "ynn_fusion.7", "dur": 1000},
+              {"ph": "X", "name": "copy.3", "dur": 500}, {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9e9},
+              {"ph": "X", "name": "wrapped_broadcast.2", "dur": 200}, {"ph": "i", "name": "copy.3"}]
+    by_module, by_kind, count = op_profile.summarise(events, table, iters=2, depth=2)
+    assert by_module == {"F M2SA.segment/sam.decode": 2.0, "B M2SA.language/language_model": 0.25,
+                         "(no metadata)": 0.1}
+    assert by_kind == {"ynn_fusion": 2.0, "copy": 0.25, "wrapped_broadcast": 0.1}
+    assert count["F M2SA.segment/sam.decode"] == 1
