@@ -1,5 +1,5 @@
-"""Instance separation: when a question asks for several instances of one kind ("the left
-lamp's shade and the right lamp's shade"), does each mask pick out its own instance?
+"""Instance separation: when a question asks for several instances of one kind ("the shade of
+the lamp on the left and the shade of the lamp on the right"), does each mask pick out its own?
 
 gIoU rewards a mask that covers both shades with about half the IoU of a correct one, so a
 model that finds "shades" but cannot tell the lamps apart still scores well. This metric
