@@ -26,13 +26,9 @@ GROUPS = ("", "llava/language_model", "llava/vision_tower", "llava/mm_projector"
           "sam/image_encoder", "sam/mask_decoder", "sam/prompt_encoder", "text_hidden_fcs")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(REPO, "configs", "synthetic.py"))
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-
+def demo_batch_and_loss(config_path: str):
+    """(flat parameters, one device batch of the config's training stream, loss function) of a
+    freshly initialised model: what the JAX-only gradient benchmarks time."""
     import jax
     import jax.numpy as jnp
 
@@ -42,10 +38,8 @@ def main(argv=None) -> int:
     from m2sa_jax.training.step import make_loss_fn
     from m2sa_jax.tree import flatten
 
-    common.print_environment("gradient cost by parameter group (JAX)",
-                             workload=os.path.relpath(args.config, REPO))
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(args.config, os.path.join(tmp, "data"), 20)
+        cfg = load_config(config_path, os.path.join(tmp, "data"), 20)
         built = loop.build(cfg)
         stream = loop._train_stream(cfg, built.config, built.tokenizer, built.root,
                                     built.images, SkipCounter())
@@ -55,6 +49,21 @@ def main(argv=None) -> int:
     loss_fn = make_loss_fn(M2SA(built.config), dict(ce_weight=t.ce_weight,
                                                     bce_weight=t.bce_weight,
                                                     dice_weight=t.dice_weight), None)
+    return flat, batch, loss_fn
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(REPO, "configs", "synthetic.py"))
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    import jax
+
+    common.print_environment("gradient cost by parameter group (JAX)",
+                             workload=os.path.relpath(args.config, REPO))
+    flat, batch, loss_fn = demo_batch_and_loss(args.config)
     rng = jax.random.key(0)
 
     def timed_ms(fn, *a):

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 from bench import common
-from bench.train_step import REPO, load_config
+from bench.train_step import REPO
 
 _OP_NAME = re.compile(r"\n\s*%([\w.\-]+) = (\S+) [^\n]*?op_name=\"([^\"]*)\"")
 _HOST_EVENTS = ("Thunk", "$", "Pjit", "Slinky", "Common", "Parse", "end:", "Alloc", "Handle")
@@ -71,28 +71,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
 
-    from m2sa_jax.data.skips import SkipCounter
-    from m2sa_jax.models.m2sa import M2SA
-    from m2sa_jax.training import loop
-    from m2sa_jax.training.step import make_loss_fn
-    from m2sa_jax.tree import flatten
+    from bench.grad_split import demo_batch_and_loss
 
     jax.config.update("jax_default_matmul_precision", "highest")
     common.print_environment("per-operation profile of the demo's forward + gradients (JAX)",
                              workload=os.path.relpath(args.config, REPO))
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(args.config, os.path.join(tmp, "data"), 20)
-        built = loop.build(cfg)
-        stream = loop._train_stream(cfg, built.config, built.tokenizer, built.root,
-                                    built.images, SkipCounter())
-        batch = jax.device_put(next(stream))
-        flat = {k: jnp.asarray(v) for k, v in flatten({"params": built.params}).items()}
-        t = cfg.train
-        loss_fn = make_loss_fn(M2SA(built.config), dict(ce_weight=t.ce_weight,
-                                                        bce_weight=t.bce_weight,
-                                                        dice_weight=t.dice_weight), None)
+        flat, batch, loss_fn = demo_batch_and_loss(args.config)
         rng = jax.random.key(0)
         grad = jax.jit(jax.value_and_grad(lambda tr: loss_fn(tr, {}, batch, rng)[0]))
         compiled = grad.lower(flat).compile()
