@@ -173,3 +173,24 @@ def test_postprocess_matches_torch(original):
     small = np.asarray(postprocess_masks(jnp.asarray(low.numpy()), resize_longest_side_shape(100, 50),
                                          (100, 50)))
     assert max_abs(got2[1, ..., :100, :50], small) <= 1e-5
+
+
+def test_attention_in_blocks_of_query_rows_equals_whole(monkeypatch):
+    """The encoder's attention computed one block of query rows at a time (as on the 64×64 grid
+    of a real image) gives the attention computed whole, rel-pos terms included."""
+    from m2sa_jax.models.sam import image_encoder as ie
+
+    assert ie.query_chunk_rows(64, 64, 12) == 2            # ViT-B global: 32 blocks of 2 rows
+    assert ie.query_chunk_rows(14, 14, 25 * 12) == 7       # its 14×14 windows: 2 blocks
+    assert ie.query_chunk_rows(16, 16, 8) == 16            # the demo's grid: whole
+    attn = ie.EncoderAttention(num_heads=2, input_size=(12, 12))
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 32))
+    params = attn.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
+                          params)                          # non-zero rel-pos tables
+    whole = attn.apply(params, x)
+    per_row = 2 * 2 * 12 * 144                             # logits of one query row
+    for rows in (1, 3, 4):
+        monkeypatch.setattr(ie, "ATTENTION_BLOCK_VALUES", rows * per_row)
+        assert ie.query_chunk_rows(12, 12, 4) == rows
+        assert max_abs(attn.apply(params, x), whole) <= 1e-6

@@ -29,6 +29,36 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos):
     return rel_pos[rel.astype(np.int64)]
 
 
+# Global attention on SAM's 64×64 grid has [heads, 4096, 4096] logits (800 MB per image at
+# ViT-B); computed whole, the rel-pos sum and the softmax pass over them in memory several times.
+# Blocks of query rows whose logits stay under this many values are computed one after another.
+ATTENTION_BLOCK_VALUES = 1 << 23
+
+
+def query_chunk_rows(h: int, w: int, batch_heads: int) -> int:
+    """Query rows per block: the largest divisor of ``h`` whose logits ([batch·heads, rows·W,
+    H·W]) stay within :data:`ATTENTION_BLOCK_VALUES` (all ``h`` rows when they fit)."""
+    per_row = batch_heads * w * h * w
+    fits = [r for r in range(1, h + 1) if h % r == 0 and r * per_row <= ATTENTION_BLOCK_VALUES]
+    return max(fits) if fits else 1
+
+
+def _attend_rows(q, kt, vt, rh, rw, hd: int, dtype):
+    """Attention of a block of query rows. q [B, r, W, heads, hd]; kt, vt [B, heads, HW, hd];
+    rh [r, H, hd] (these rows' part of the H table), rw [W, W, hd]. Returns [B, heads, r·W, hd]."""
+    b, r, w, n, _ = q.shape
+    h = rh.shape[1]
+    qs = (q * (hd ** -0.5)).reshape(b, r * w, n, hd)
+    logits = jnp.einsum("bqnd,bnkd->bnqk", qs, kt)                  # [B, heads, rW, HW]
+    rel_h = jnp.einsum("byxnd,ykd->bnyxk", q, rh)                    # [B, heads, r, W, H]
+    rel_w = jnp.einsum("byxnd,xkd->bnyxk", q, rw)                    # [B, heads, r, W, W]
+    logits = logits.reshape(b, n, r, w, h, w)
+    logits = logits + rel_h[..., :, None] + rel_w[..., None, :]
+    logits = logits.reshape(b, n, r * w, h * w).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return jnp.einsum("bnqk,bnkd->bnqd", probs, vt)                  # [B, heads, rW, hd]
+
+
 class EncoderAttention(nn.Module):
     """Multi-head self-attention on a [B, H, W, C] grid with decomposed rel-pos terms."""
 
@@ -46,19 +76,22 @@ class EncoderAttention(nn.Module):
                                (2 * self.input_size[1] - 1, hd), jnp.float32)
         qkv = dense(3 * c, self.dtype, "qkv")(x).reshape(b, h * w, 3, self.num_heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, HW, heads, hd]
-        logits = jnp.einsum("bqnd,bknd->bnqk", q * (hd ** -0.5), k)  # [B, heads, HW, HW]
         rh = get_rel_pos(h, h, rel_pos_h).astype(self.dtype)  # [H, H, hd]
         rw = get_rel_pos(w, w, rel_pos_w).astype(self.dtype)  # [W, W, hd]
-        rq = q.reshape(b, h, w, self.num_heads, hd)
-        rel_h = jnp.einsum("byxnd,ykd->bnyxk", rq, rh)  # [B, heads, H, W, kH]
-        rel_w = jnp.einsum("byxnd,xkd->bnyxk", rq, rw)  # [B, heads, H, W, kW]
-        logits = logits.reshape(b, self.num_heads, h, w, h, w)
-        logits = logits + rel_h[..., :, None] + rel_w[..., None, :]
-        logits = logits.reshape(b, self.num_heads, h * w, h * w).astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        # heads-major v: XLA:CPU runs this contraction ~3× faster than on [B, HW, heads, hd]
-        out = jnp.einsum("bnqk,bnkd->bnqd", probs, v.transpose(0, 2, 1, 3))  # [B, heads, HW, hd]
-        out = out.transpose(0, 2, 1, 3).reshape(b, h, w, c)
+        rows = query_chunk_rows(h, w, b * self.num_heads)
+        # heads-major k, v: XLA:CPU runs the contractions ~3× faster than on [B, HW, heads, hd]
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # [B, heads, HW, hd]
+        q = q.reshape(b, h // rows, rows, w, self.num_heads, hd)
+        if rows == h:
+            out = _attend_rows(q[:, 0], kt, vt, rh, rw, hd, self.dtype)[:, None]
+        else:     # one block of query rows at a time: its logits stay small enough for the cache
+            out = jax.lax.map(
+                lambda xs: _attend_rows(xs[0], kt, vt, xs[1], rw, hd, self.dtype),
+                (q.transpose(1, 0, 2, 3, 4, 5), rh.reshape(h // rows, rows, h, hd)))
+            out = out.transpose(1, 0, 2, 3, 4)
+        # out [B, H/rows, heads, rows·W, hd] → [B, H, W, C]
+        out = out.reshape(b, h // rows, self.num_heads, rows, w, hd)
+        out = out.transpose(0, 1, 3, 4, 2, 5).reshape(b, h, w, c)
         return dense(c, self.dtype, "proj")(out)
 
 
