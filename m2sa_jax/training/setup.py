@@ -61,6 +61,16 @@ def with_run_options(config: M2SAConfig, cfg) -> M2SAConfig:
     return dataclasses.replace(config, llava=lv, dtype=dt)
 
 
+def _run_once(fn, *args):
+    """``jax.jit(fn)(*args)`` for a function run once, compiled without XLA's backend
+    optimisations: an initialiser is a few hundred small random draws, and XLA:CPU spends most
+    of their compile time optimising code that runs for milliseconds (the demo model's init:
+    about 15 s instead of 30 s)."""
+    compiled = jax.jit(fn).lower(*args).compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+    return compiled(*args)
+
+
 def random_params(config: M2SAConfig, seed: int) -> dict:
     """Every parameter from the modules' own initialisers (plus the converted-only leaves that
     the forward never reads, e.g. the last CLIP layer, from the same initialisers)."""
@@ -80,10 +90,10 @@ def random_params(config: M2SAConfig, seed: int) -> dict:
             jnp.full((1, 2), s.img_size, jnp.int32), jnp.full((1, 2), s.img_size, jnp.int32),
             targets_per_question=1, mask_hw=(8, 8))["params"]
 
-    params = jax.jit(init)(jax.random.key(seed))
+    params = _run_once(init, jax.random.key(seed))
     del rows
-    full_clip = clip.CLIPVisionModel(v).init(jax.random.key(seed + 1),
-                                             jnp.zeros((1, v.image_size, v.image_size, 3)))
+    full_clip = _run_once(lambda key: clip.CLIPVisionModel(v).init(
+        key, jnp.zeros((1, v.image_size, v.image_size, 3))), jax.random.key(seed + 1))
     params = dict(params)
     params["llava"] = dict(params["llava"], vision_tower=full_clip["params"])
     # SAM leaves of paths this forward does not take (the mask-prompt convs) from SAM's own init.
