@@ -1,9 +1,23 @@
-"""Test-wide numerics: float32 parity tests run with exact (highest precision) matmuls."""
+"""Test-wide numerics: float32 parity tests run with exact (highest precision) matmuls.
 
+Compiled programs are shared between tests (and the subprocesses they start) through JAX's
+persistent compilation cache in a folder of this session: many tests train or evaluate the same
+small models, and on 2 CPU cores XLA's compile of one train step takes 20–40 s. The folder is
+new for every session and removed at its end, so no test ever sees another session's programs.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="m2sa-jax-tests-xla-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
 
 import jax  # noqa: E402
 
