@@ -85,39 +85,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_process(files, tmp_path_factory):
-    """``python -m m2sa_jax.serve`` on a free loopback port, started as soon as the model exists
-    so that its compilation overlaps the in-process tests (XLA compiles on one core)."""
+def _start_server(checkpoint: str, log, *args: str) -> dict:
+    """``python -m m2sa_jax.serve --checkpoint ...`` on a free loopback port, output to ``log``."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "m2sa_jax.serve", "--checkpoint", files["model"],
-           "--port", str(port), "--examples", files["synthetic"], "--max-batch", "2",
-           "--row-buckets", "2", "--max-new-tokens", "12", "--max-prompt-tokens", "128",
-           "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "m2sa_jax.serve", "--checkpoint", checkpoint,
+           "--port", str(port), *args, "--log-level", "warning"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    yield dict(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+    return dict(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+
+
+def _wait_ready(started: dict, seconds: float) -> dict:
+    """Polls /api/health until it answers 200; fails with the server's log if the process
+    exits or ``seconds`` pass."""
+    import httpx
+
+    proc, log, url = started["proc"], started["log"], started["url"]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                return started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server not ready in {seconds:.0f} s:\n" + log.read_text())
+
+
+def _stop(started: dict) -> None:
+    proc = started["proc"]
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def server(server_process):
-    import httpx
+def server_process(files, tmp_path_factory):
+    """The server on the tiny model, started as soon as the model exists so that its
+    compilation overlaps the in-process tests (XLA compiles on one core)."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    started = _start_server(files["model"], log, "--examples", files["synthetic"],
+                            "--max-batch", "2", "--row-buckets", "2", "--max-new-tokens", "12",
+                            "--max-prompt-tokens", "128")
+    yield started
+    _stop(started)
 
-    proc, log, url = server_process["proc"], server_process["log"], server_process["url"]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(url + "/api/health", timeout=2).status_code == 200:
-                return server_process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail("server not ready in 300 s:\n" + log.read_text())
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    return _wait_ready(server_process, 300)
 
 
 @pytest.fixture(scope="module")
@@ -590,24 +607,11 @@ def test_page_on_the_demo_model_in_headless_chromium(trained_ci_run, tmp_path):
     val = json.load(open(os.path.join(trained_ci_run["data_root"], "MMR_val.json")))
     record = next(r for r in val if r["questions"])
     image = os.path.join(trained_ci_run["data_root"], "images", record["file_name"])
-    port, log = _free_port(), tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "m2sa_jax.serve", "--checkpoint", trained_ci_run["workdir"],
-           "--port", str(port), "--max-batch", "1", "--row-buckets", "1",
-           "--max-prompt-tokens", "192", "--log-level", "warning"]
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    started = _start_server(trained_ci_run["workdir"], tmp_path / "server.log",
+                            "--max-batch", "1", "--row-buckets", "1", "--max-prompt-tokens", "192")
+    url = started["url"]
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in 600 s:\n" + log.read_text()
-            time.sleep(0.5)
+        _wait_ready(started, 600)
         model = httpx.get(url + "/api/model", timeout=10).json()
         assert (model["kind"], model["variant"]) == ("M²SA", "m2sa"), model
         with sync_playwright() as p:
@@ -629,6 +633,4 @@ def test_page_on_the_demo_model_in_headless_chromium(trained_ci_run, tmp_path):
         print(f"\nQ: {record['questions'][0]}\nA: {answer}\nmasks: {legend}")
         assert answer.strip() and len(legend) >= 1
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+        _stop(started)

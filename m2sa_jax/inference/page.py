@@ -26,8 +26,9 @@ from m2sa_jax.inference.overlay import overlay
 if TYPE_CHECKING:
     from m2sa_jax.inference.service import Service
 
-TOY_NOTICE = ("**A toy model.** This is the README demo's M²SA, trained from scratch for about "
-              "ten minutes on drawings of cups, lamps, chairs, bottles and cars in flat colours. "
+TOY_NOTICE = ("**A toy model.** This is the README demo's M²SA (2.5 M parameters), trained from "
+              "scratch on two CPU cores on drawings of cups, lamps, chairs, bottles and cars in "
+              "flat colours. "
               "It answers questions about such drawings (try the examples), not about photographs.")
 
 CSS = """
