@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from m2sa_jax.data.preprocess import resize_longest_side_shape
-from m2sa_jax.models.sam import (Sam, get_rel_pos, narrow_config, postprocess_masks,
+from m2sa_jax.models.sam import (Sam, get_rel_pos, narrow_config, postprocess_masks, sam_config,
                                  postprocess_masks_padded)
 from tests.support.sam_reference import convert_module, max_abs, torch_sam
 
@@ -183,6 +183,7 @@ def test_attention_in_blocks_of_query_rows_equals_whole(monkeypatch):
     assert ie.query_chunk_rows(64, 64, 12) == 2            # ViT-B global: 32 blocks of 2 rows
     assert ie.query_chunk_rows(14, 14, 25 * 12) == 7       # its 14×14 windows: 2 blocks
     assert ie.query_chunk_rows(16, 16, 8) == 16            # the demo's grid: whole
+    assert ie.query_chunk_rows(64, 64, 4) == 4             # 4 heads: at most 256 queries
     attn = ie.EncoderAttention(num_heads=2, input_size=(12, 12))
     x = jax.random.normal(jax.random.key(0), (2, 12, 12, 32))
     params = attn.init(jax.random.key(1), x)
@@ -194,3 +195,39 @@ def test_attention_in_blocks_of_query_rows_equals_whole(monkeypatch):
         monkeypatch.setattr(ie, "ATTENTION_BLOCK_VALUES", rows * per_row)
         assert ie.query_chunk_rows(12, 12, 4) == rows
         assert max_abs(attn.apply(params, x), whole) <= 1e-6
+
+
+def test_encoder_loop_over_images_equals_whole_batch(monkeypatch):
+    """On the CPU a batch of full-size images is encoded one image at a time (Sam.encode_image);
+    outputs and gradients equal the whole batch's, and initialisation takes the batch whole."""
+    import re
+
+    from m2sa_jax.models.sam import sam as sam_module
+
+    cfg = sam_config("vit_b", encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                     global_attn_indexes=(1,), use_compress_vit=True, img_size=256,
+                     window_size=5)
+    model = Sam(cfg)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 256, 256, 3)), jnp.float32)
+    monkeypatch.setattr(sam_module, "ONE_IMAGE_AT_A_TIME_TOKENS", 16 * 16)
+    params = model.init(jax.random.key(0), x, method=Sam.encode_image)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                          params)
+    got = {}
+    for loop in (True, False):
+        if not loop:
+            monkeypatch.setattr(sam_module, "ONE_IMAGE_AT_A_TIME_TOKENS", 10 ** 9)
+
+        def enc(p, im):                                    # a new function: a new trace
+            return model.apply(p, im, method=Sam.encode_image)
+
+        lengths = re.findall(r"length=(\d+)", str(jax.make_jaxpr(enc)(params, x)))
+        assert ("3" in lengths) == loop                    # the loop over the 3 images
+        grads = jax.grad(lambda p: jnp.sum(jnp.sin(enc(p, x)["image_embeddings"])))(params)
+        got[loop] = (enc(params, x), grads)
+    (a, ga), (b, gb) = got[True], got[False]
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert u.shape == v.shape and max_abs(u, v) <= 1e-5
+    for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        assert max_abs(u, v) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(v))))

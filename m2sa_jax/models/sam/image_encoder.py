@@ -31,15 +31,22 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos):
 
 # Global attention on SAM's 64×64 grid has [heads, 4096, 4096] logits (800 MB per image at
 # ViT-B); computed whole, the rel-pos sum and the softmax pass over them in memory several times.
-# Blocks of query rows whose logits stay under this many values are computed one after another.
+# Blocks of query rows whose logits stay under this many values, and that hold at most this many
+# queries, are computed one after another. Measured on a 2-core CPU (docs/performance.md): ViT-B
+# and ViT-L run fastest with 2 rows of 64 in their global blocks (2 rows: 8.7 s per image, 1 row:
+# 10.4 s for ViT-B; 31.0 vs 35.9 s for ViT-L), a 256-wide, 4-head encoder with 4 rows (1.95 s;
+# 8 rows 2.56 s, the whole grid 3.0 s).
 ATTENTION_BLOCK_VALUES = 1 << 23
+ATTENTION_BLOCK_QUERIES = 256
 
 
 def query_chunk_rows(h: int, w: int, batch_heads: int) -> int:
     """Query rows per block: the largest divisor of ``h`` whose logits ([batch·heads, rows·W,
-    H·W]) stay within :data:`ATTENTION_BLOCK_VALUES` (all ``h`` rows when they fit)."""
+    H·W]) stay within :data:`ATTENTION_BLOCK_VALUES` and whose queries (rows·W) within
+    :data:`ATTENTION_BLOCK_QUERIES` (all ``h`` rows when they fit; at least one row)."""
     per_row = batch_heads * w * h * w
-    fits = [r for r in range(1, h + 1) if h % r == 0 and r * per_row <= ATTENTION_BLOCK_VALUES]
+    fits = [r for r in range(1, h + 1) if h % r == 0 and r * per_row <= ATTENTION_BLOCK_VALUES
+            and r * w <= ATTENTION_BLOCK_QUERIES]
     return max(fits) if fits else 1
 
 
