@@ -8,7 +8,12 @@ gIoU / cIoU of a model on MMR or a referring benchmark.
 
 import sys
 
-from m2sa_jax.main.eval import main
+from m2sa_jax.hugepages import reexec_with_hugepage_malloc
+
+if __name__ == "__main__":
+    reexec_with_hugepage_malloc()   # before JAX loads: see m2sa_jax/hugepages.py
+
+from m2sa_jax.main.eval import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,12 @@ With no --config, trains the synthetic demo (configs/synthetic.py); --help lists
 
 import sys
 
-from m2sa_jax.main.train import main
+from m2sa_jax.hugepages import reexec_with_hugepage_malloc
+
+if __name__ == "__main__":
+    reexec_with_hugepage_malloc()   # before JAX loads: see m2sa_jax/hugepages.py
+
+from m2sa_jax.main.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

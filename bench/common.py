@@ -25,9 +25,11 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-# Environment variables that change how many threads a library starts or how they wait.
+# Environment variables that change how many threads a library starts or how they wait, and
+# glibc's malloc settings (huge pages: m2sa_jax/hugepages.py).
 THREAD_VARIABLES = ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                    "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+                    "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+                    "GLIBC_TUNABLES")
 
 
 def add_arguments(parser: argparse.ArgumentParser, repeats: int = 3) -> None:

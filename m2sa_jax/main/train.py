@@ -20,10 +20,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from m2sa_jax.config_file import flags_parser
+from m2sa_jax.hugepages import reexec_with_hugepage_malloc
 from m2sa_jax.main import DEFAULT_CONFIG, quiet_libraries
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:          # a command line (console script, python -m): huge-page malloc
+        reexec_with_hugepage_malloc()
     config = config_flags.DEFINE_config_file(
         "config", None, "experiment config file (default: configs/synthetic.py)")
     workdir = flags.DEFINE_string("workdir", None, "run directory (default: config.workdir)")
