@@ -33,9 +33,9 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos):
 # ViT-B); computed whole, the rel-pos sum and the softmax pass over them in memory several times.
 # Blocks of query rows whose logits stay under this many values, and that hold at most this many
 # queries, are computed one after another. Measured on a 2-core CPU (docs/performance.md): ViT-B
-# and ViT-L run fastest with 2 rows of 64 in their global blocks (2 rows: 8.7 s per image, 1 row:
-# 10.4 s for ViT-B; 31.0 vs 35.9 s for ViT-L), a 256-wide, 4-head encoder with 4 rows (1.95 s;
-# 8 rows 2.56 s, the whole grid 3.0 s).
+# and ViT-L ran fastest with 2 rows of 64 in their global blocks and 7 of 14 in their windows
+# (8.7 s per image for ViT-B, 31.0 s for ViT-L; 1 and 2 rows: 10.4 s and 35.9 s), a 256-wide,
+# 4-head encoder with 4 rows (1.95 s; 8 rows 2.56 s, the whole grid 3.0 s).
 ATTENTION_BLOCK_VALUES = 1 << 23
 ATTENTION_BLOCK_QUERIES = 256
 
